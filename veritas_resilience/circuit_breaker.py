@@ -1,0 +1,1192 @@
+"""Circuit breakers: stop calling a dependency that keeps failing, and probe it before trusting it.
+
+:class:`CircuitBreaker` is the simple breaker of the source guide: ``failure_threshold`` failures in
+a row open it, after ``reset_timeout`` one call is admitted as a half-open probe, and a success
+closes it. :class:`ExponentialCircuitBreaker` is the advanced one: each consecutive re-open
+doubles the open time up to a cap, and several successes are needed to close. Both accept a
+:class:`FailureRate` trip policy instead of failures in a row.
+
+What sets these breakers apart:
+
+- Outcomes are three-way (success, failure, ignored) and cancellation is a fourth, neutral one: a
+  cancelled call (asyncio task cancel, anyio/trio cancel scope, ``fail_after`` seen from outside)
+  never counts, and always gives back the half-open slot it held.
+- Every state change starts a new *generation*. A call remembers the generation that admitted
+  it, and its result is dropped if the breaker has moved on meanwhile: a slow call started while
+  CLOSED cannot reopen or close the breaker after it went OPEN or HALF_OPEN.
+- Half-open admits at most ``half_open_max_calls`` concurrent probes; a probe that hangs past its
+  lease frees its slot for a new probe, and its late result is dropped.
+- The closed path takes no lock and allocates nothing; metrics are counted in plain integers and
+  exported at scrape time by :class:`~veritas_resilience.instrumentation.PrometheusHook`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import inspect
+import itertools
+import math
+import random
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, overload
+
+from . import _hooks
+from ._clock import MONOTONIC, Clock
+from .errors import CircuitOpenError
+from .events import (
+    BreakerCallCancelled,
+    BreakerCallFailed,
+    BreakerCallIgnored,
+    BreakerCallRejected,
+    BreakerCallSucceeded,
+    BreakerStateChanged,
+    CircuitState,
+    Hook,
+)
+from .instrumentation.prometheus import HistogramValue, cumulative_buckets, define_metric
+
+__all__ = [
+    "BreakerSnapshot",
+    "CircuitBreaker",
+    "CircuitBreakerRegistry",
+    "ExceptionMatcher",
+    "ExponentialBackoff",
+    "ExponentialCircuitBreaker",
+    "FailureRate",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ExceptionMatcher: TypeAlias = (
+    "type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]"
+)
+"""Which exceptions a rule applies to: a type, a tuple of types, or a predicate."""
+
+Seconds: TypeAlias = "float | timedelta"
+
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+_CLOSED = CircuitState.CLOSED
+_OPEN = CircuitState.OPEN
+_HALF_OPEN = CircuitState.HALF_OPEN
+_FORCED_OPEN = CircuitState.FORCED_OPEN
+_DISABLED = CircuitState.DISABLED
+_ALL_STATES = tuple(CircuitState)
+_OUTCOMES = ("success", "failure", "ignored", "cancelled", "rejected")
+
+define_metric(
+    "veritas_circuit_breaker_state",
+    "gauge",
+    "Current state of the circuit breaker (one-hot: 1 for the current state).",
+    ("name", "state"),
+)
+define_metric(
+    "veritas_circuit_breaker_calls",
+    "counter",
+    "Calls through the circuit breaker by outcome.",
+    ("name", "outcome"),
+)
+define_metric(
+    "veritas_circuit_breaker_transitions",
+    "counter",
+    "State transitions of the circuit breaker.",
+    ("name", "from_state", "to_state"),
+)
+define_metric(
+    "veritas_circuit_breaker_call_duration_seconds",
+    "histogram",
+    "Duration of calls admitted by the circuit breaker (success, failure and ignored).",
+    ("name",),
+)
+define_metric(
+    "veritas_circuit_breaker_open_seconds",
+    "gauge",
+    "Length in seconds of the current break (0 when not open).",
+    ("name",),
+)
+define_metric(
+    "veritas_circuit_breaker_half_open_probes",
+    "gauge",
+    "Half-open probes in flight.",
+    ("name",),
+)
+
+
+def _seconds(value: Seconds, field: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number of seconds or a timedelta, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field} must be a finite number of seconds {allowed}, got {value!r}")
+    return value
+
+
+def _positive_int(value: int, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{field} must be >= 1, got {value!r}")
+    return value
+
+
+def _matcher(value: ExceptionMatcher | None, field: str) -> Callable[[BaseException], bool] | None:
+    if value is None:
+        return None
+    if isinstance(value, type) and issubclass(value, BaseException):
+        types: tuple[type[BaseException], ...] = (value,)
+    elif isinstance(value, tuple):
+        for item in value:
+            if not (isinstance(item, type) and issubclass(item, BaseException)):
+                raise TypeError(f"{field} must hold exception types, got {item!r}")
+        types = value
+    elif callable(value):
+        return value  # type: ignore[return-value]
+    else:
+        raise TypeError(f"{field} must be an exception type, a tuple of them, or a predicate")
+    return lambda exc: isinstance(exc, types)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailureRate:
+    """Trip when the failure rate over a sliding window reaches a threshold.
+
+    The alternative to failures in a row, for dependencies that fail some calls all the time.
+
+    Args:
+        threshold: Failure rate in (0, 1] at or above which the breaker opens.
+        window: Size of the window: a number of calls (``window_type="count"``) or seconds
+            (``window_type="time"``, a float or ``timedelta``).
+        window_type: ``"count"`` for the last ``window`` calls, ``"time"`` for calls in the last
+            ``window`` seconds.
+        minimum_calls: Calls the window must hold before the rate counts at all.
+
+    Example:
+        >>> FailureRate(threshold=0.5, window=100, minimum_calls=20)
+        FailureRate(threshold=0.5, window=100, window_type='count', minimum_calls=20)
+    """
+
+    threshold: float = 0.5
+    window: float | timedelta = 100
+    window_type: Literal["count", "time"] = "count"
+    minimum_calls: int = 10
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise ValueError(f"threshold must be a failure rate in (0, 1], got {t!r}")
+        _positive_int(self.minimum_calls, "minimum_calls")
+        if self.window_type == "count":
+            size = self._count()
+            if self.minimum_calls > size:
+                raise ValueError(
+                    f"minimum_calls must be <= window ({size} calls), got {self.minimum_calls!r}"
+                )
+        elif self.window_type == "time":
+            _seconds(self.window, "window")
+        else:
+            raise ValueError(f"window_type must be 'count' or 'time', got {self.window_type!r}")
+
+    def _count(self) -> int:
+        window = self.window
+        if isinstance(window, (timedelta, bool)) or window != int(window):
+            raise ValueError(
+                f"window must be a whole number of calls >= 1 for a count window, got {window!r}"
+            )
+        return _positive_int(int(window), "window")
+
+    def _new_window(self) -> _Window:
+        if self.window_type == "count":
+            return _CountWindow(self._count(), self.minimum_calls, self.threshold)
+        return _TimeWindow(_seconds(self.window, "window"), self.minimum_calls, self.threshold)
+
+
+class _Window:
+    """Runtime state of a :class:`FailureRate` policy."""
+
+    __slots__ = ()
+
+    def record(self, failed: bool, now: float) -> bool:
+        """Record one outcome; return whether the breaker should trip."""
+        raise NotImplementedError
+
+    def rate(self, now: float) -> float | None:
+        """The current failure rate, or None below the minimum number of calls."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+class _CountWindow(_Window):
+    __slots__ = ("_failures", "_filled", "_minimum", "_pos", "_ring", "_size", "_threshold")
+
+    def __init__(self, size: int, minimum: int, threshold: float) -> None:
+        self._size = size
+        self._minimum = minimum
+        self._threshold = threshold
+        self._ring = bytearray(size)
+        self._pos = 0
+        self._filled = 0
+        self._failures = 0
+
+    def record(self, failed: bool, now: float) -> bool:
+        ring, pos = self._ring, self._pos
+        if self._filled == self._size:
+            self._failures -= ring[pos]
+        else:
+            self._filled += 1
+        ring[pos] = failed
+        self._failures += failed
+        self._pos = (pos + 1) % self._size
+        return self._filled >= self._minimum and self._failures >= self._threshold * self._filled
+
+    def rate(self, now: float) -> float | None:
+        return self._failures / self._filled if self._filled >= self._minimum else None
+
+    def clear(self) -> None:
+        self._ring = bytearray(self._size)
+        self._pos = self._filled = self._failures = 0
+
+
+class _TimeWindow(_Window):
+    """Calls in the last ``seconds``, kept in 10 buckets so memory does not grow with traffic."""
+
+    __slots__ = ("_buckets", "_minimum", "_slot", "_threshold", "_width")
+
+    _N = 10
+
+    def __init__(self, seconds: float, minimum: int, threshold: float) -> None:
+        self._width = seconds / self._N
+        self._minimum = minimum
+        self._threshold = threshold
+        # Each bucket: [slot index, calls, failures]
+        self._buckets = [[-1, 0, 0] for _ in range(self._N)]
+
+    def _totals(self, now: float) -> tuple[int, int]:
+        current = math.floor(now / self._width)
+        calls = failures = 0
+        for slot, c, f in self._buckets:
+            if current - slot < self._N:
+                calls += c
+                failures += f
+        return calls, failures
+
+    def record(self, failed: bool, now: float) -> bool:
+        slot = math.floor(now / self._width)
+        bucket = self._buckets[slot % self._N]
+        if bucket[0] != slot:
+            bucket[0], bucket[1], bucket[2] = slot, 0, 0
+        bucket[1] += 1
+        bucket[2] += failed
+        calls, failures = self._totals(now)
+        return calls >= self._minimum and failures >= self._threshold * calls
+
+    def rate(self, now: float) -> float | None:
+        calls, failures = self._totals(now)
+        return failures / calls if calls >= self._minimum else None
+
+    def clear(self) -> None:
+        for bucket in self._buckets:
+            bucket[0], bucket[1], bucket[2] = -1, 0, 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExponentialBackoff:
+    """Open time that grows with each consecutive re-open: ``min(base * multiplier**k, maximum)``.
+
+    ``k`` counts the opens in a row: 0 for the first, +1 each time a half-open probe fails or the
+    breaker trips again soon after closing. After the breaker has stayed closed for ``cool_down``
+    seconds, ``k`` steps back by one per ``cool_down`` (``decay="step"``) or goes back to 0
+    (``decay="reset"``).
+
+    Args:
+        base: The first open time, in seconds (> 0).
+        maximum: The cap, in seconds (>= base).
+        multiplier: Growth factor per re-open (>= 1).
+        jitter: Fraction in [0, 1] of the open time that is randomly taken off, so breakers that
+            opened together do not all probe at once: the open time is drawn from
+            ``[t * (1 - jitter), t]``.
+        cool_down: Seconds of staying closed that undo one step of growth; ``maximum`` by
+            default.
+        decay: ``"step"`` (one step per ``cool_down``) or ``"reset"`` (back to ``base`` after
+            one ``cool_down``).
+    """
+
+    base: float | timedelta = 1.0
+    maximum: float | timedelta = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.0
+    cool_down: float | timedelta | None = None
+    decay: Literal["step", "reset"] = "step"
+
+    def __post_init__(self) -> None:
+        base = _seconds(self.base, "base")
+        maximum = _seconds(self.maximum, "maximum")
+        if maximum < base:
+            raise ValueError(f"maximum must be >= base ({base!r}s), got {maximum!r}")
+        m = self.multiplier
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= m < math.inf:
+            raise ValueError(f"multiplier must be a finite number >= 1, got {m!r}")
+        j = self.jitter
+        if isinstance(j, bool) or not isinstance(j, (int, float)) or not 0 <= j <= 1:
+            raise ValueError(f"jitter must be a fraction in [0, 1], got {j!r}")
+        if self.cool_down is not None:
+            _seconds(self.cool_down, "cool_down")
+        if self.decay not in ("step", "reset"):
+            raise ValueError(f"decay must be 'step' or 'reset', got {self.decay!r}")
+
+    def duration(self, k: int, rng: random.Random | None = None) -> float:
+        """The open time for the ``k``-th consecutive open (0-based), jitter applied."""
+        base = _seconds(self.base, "base")
+        maximum = _seconds(self.maximum, "maximum")
+        try:
+            t = min(base * self.multiplier ** max(k, 0), maximum)
+        except OverflowError:
+            t = maximum
+        if self.jitter:
+            t *= 1.0 - self.jitter * (rng or random).random()
+        return t
+
+    def _cool_down(self) -> float:
+        return _seconds(self.cool_down if self.cool_down is not None else self.maximum, "cool_down")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """A read-only picture of a breaker at one instant.
+
+    Attributes:
+        name: The breaker's name.
+        state: Its state.
+        generation: Its state generation (bumped at every state change).
+        consecutive_failures: Failures in a row counted in CLOSED (failures-in-a-row policy).
+        failure_rate: The current failure rate (rate policy) or None.
+        half_open_successes: Probe successes counted in the current HALF_OPEN period.
+        probes_in_flight: Half-open probes running now.
+        consecutive_opens: Opens in a row (drives exponential growth).
+        opened_at: Clock reading when the current break began, or None.
+        open_for: Length of the current break in seconds, or None.
+        retry_after: Seconds until a call can be admitted (0.0 when it can be now).
+        calls: Call counts by outcome since creation.
+    """
+
+    name: str
+    state: CircuitState
+    generation: int
+    consecutive_failures: int
+    failure_rate: float | None
+    half_open_successes: int
+    probes_in_flight: int
+    consecutive_opens: int
+    opened_at: float | None
+    open_for: float | None
+    retry_after: float
+    calls: dict[str, int]
+
+
+# (generation, probe token or 0, admitting state, start time or None)
+_Permit: TypeAlias = "tuple[int, int, CircuitState, float | None]"
+_names = itertools.count(1)
+
+
+class CircuitBreaker(_hooks.Instrumented):
+    """A circuit breaker for async and sync callables.
+
+    Use it as a decorator, as ``await breaker.call(fn, ...)``, or as ``async with breaker:``::
+
+        db_breaker = CircuitBreaker(name="orders-db", failure_threshold=5, reset_timeout=30)
+
+        @db_breaker
+        async def load_order(order_id: int) -> Order: ...
+
+        try:
+            order = await load_order(42)
+        except CircuitOpenError as exc:
+            ...  # exc.retry_after says when to try again
+
+    Args:
+        name: Used in errors, logs and metric labels; keep it bounded (one per dependency).
+            A unique ``breaker-N`` by default.
+        failure_threshold: Failures in a row (>= 1) that open the breaker. Ignored when ``trip``
+            is given.
+        reset_timeout: Seconds (> 0) the breaker stays open before admitting a probe. Ignored
+            when ``open_duration`` is given.
+        success_threshold: Probe successes (>= 1) needed in HALF_OPEN to close.
+        half_open_max_calls: Probes (>= 1) allowed to run at once in HALF_OPEN; others are
+            rejected at once.
+        probe_lease: Seconds (> 0) a probe may run before its slot is given to a new probe (its
+            late result is then dropped). The current open time by default.
+        trip: A :class:`FailureRate` policy instead of failures in a row.
+        open_duration: An :class:`ExponentialBackoff` instead of the fixed ``reset_timeout``.
+        failure_on: Which exceptions count as failures (types or a predicate); ``Exception``
+            by default. An exception that matches neither this nor ``ignore_on`` counts as a
+            success: the dependency answered.
+        ignore_on: Which exceptions are ignored: neither success nor failure; they do not reset
+            the failure count and they give back a probe slot. Checked before ``failure_on``.
+        failure_on_result: A predicate on a call's return value that makes it a failure (the
+            value is still returned).
+        slow_call_duration: Seconds (> 0) beyond which a successful call counts as a failure.
+        record_duration: Whether to time calls for the duration histogram. Off by default: two
+            clock reads and a bucket search cost more than the rest of the breaker together
+            (see benchmarks/RESULTS.md); services usually time their queries already.
+        duration_buckets: Upper bounds of the histogram buckets, ascending.
+        clock: Time source; :class:`~veritas_resilience.testing.FakeClock` in tests.
+        hooks: Hooks for this breaker only; the process-wide defaults (see
+            :func:`~veritas_resilience.set_hooks`) when None, ``[]`` for none at all.
+        rng: Random source for jitter (seed it in tests).
+
+    Raises:
+        ValueError: If a setting is outside its allowed range (the message names it).
+    """
+
+    _permits: ContextVar[tuple[_Permit, ...]]
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        failure_threshold: int = 5,
+        reset_timeout: Seconds = 60.0,
+        success_threshold: int = 1,
+        half_open_max_calls: int = 1,
+        probe_lease: Seconds | None = None,
+        trip: FailureRate | None = None,
+        open_duration: ExponentialBackoff | None = None,
+        failure_on: ExceptionMatcher = Exception,
+        ignore_on: ExceptionMatcher | None = None,
+        failure_on_result: Callable[[Any], bool] | None = None,
+        slow_call_duration: Seconds | None = None,
+        record_duration: bool = False,
+        duration_buckets: Sequence[float] = DEFAULT_BUCKETS,
+        clock: Clock = MONOTONIC,
+        hooks: Sequence[Hook] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if name is None:
+            name = f"breaker-{next(_names)}"
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self._name = name
+        self._failure_threshold = _positive_int(failure_threshold, "failure_threshold")
+        self._reset_timeout = _seconds(reset_timeout, "reset_timeout")
+        self._success_threshold = _positive_int(success_threshold, "success_threshold")
+        self._half_open_max = _positive_int(half_open_max_calls, "half_open_max_calls")
+        self._probe_lease = None if probe_lease is None else _seconds(probe_lease, "probe_lease")
+        if trip is not None and not isinstance(trip, FailureRate):
+            raise TypeError(f"trip must be a FailureRate or None, got {trip!r}")
+        if open_duration is not None and not isinstance(open_duration, ExponentialBackoff):
+            raise TypeError(
+                f"open_duration must be an ExponentialBackoff or None, got {open_duration!r}"
+            )
+        self._trip = trip
+        self._window = trip._new_window() if trip is not None else None
+        self._backoff = open_duration
+        self._cool_down = open_duration._cool_down() if open_duration is not None else 0.0
+        self._is_failure = _matcher(failure_on, "failure_on")
+        self._is_ignored = _matcher(ignore_on, "ignore_on")
+        if failure_on_result is not None and not callable(failure_on_result):
+            raise TypeError("failure_on_result must be a predicate on the call's result")
+        self._failure_on_result = failure_on_result
+        self._slow = (
+            None
+            if slow_call_duration is None
+            else _seconds(slow_call_duration, "slow_call_duration")
+        )
+        bounds = tuple(float(b) for b in duration_buckets)
+        if (
+            not bounds
+            or any(not math.isfinite(b) or b <= 0 for b in bounds)
+            or list(bounds) != sorted(set(bounds))
+        ):
+            raise ValueError(
+                "duration_buckets must be finite, > 0 and strictly ascending, "
+                f"got {duration_buckets!r}"
+            )
+        self._bounds = bounds
+        self._hist = [0] * (len(bounds) + 1)
+        self._hist_sum = 0.0
+        self._record_duration = bool(record_duration)
+        self._timed = self._record_duration or self._slow is not None
+        self._clock = clock
+        self._now = clock.monotonic
+        self._rng = rng
+
+        self._lock = threading.Lock()
+        self._state = _CLOSED
+        self._gen = 0
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._open_for: float | None = None
+        self._last_open_for = self._reset_timeout
+        self._reopen_at = -math.inf
+        self._opens = 0
+        self._closed_at = self._now()
+        self._half_successes = 0
+        self._probes: dict[int, float] = {}
+        self._tokens = itertools.count(1)
+        self._n_success = 0
+        self._n_failure = 0
+        self._n_ignored = 0
+        self._n_cancelled = 0
+        self._n_rejected = 0
+        self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
+        self._permits = ContextVar(f"veritas_breaker_permits_{id(self)}", default=())
+
+        self._init_hooks(hooks)
+
+    # -- configuration and inspection ------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return self._name
+
+    @property
+    def clock(self) -> Clock:
+        """The breaker's time source."""
+        return self._clock
+
+    @property
+    def state(self) -> CircuitState:
+        """The current state (an OPEN breaker whose open time is over reads as HALF_OPEN)."""
+        if self._state is _OPEN:
+            self._check_open_timeout(self._now())
+        return self._state
+
+    def retry_after(self) -> float:
+        """Seconds until the breaker admits a call again (0.0 if it would now)."""
+        now = self._now()
+        with self._lock:
+            return self._retry_after(now)
+
+    def snapshot(self) -> BreakerSnapshot:
+        """Return a consistent, read-only picture of the breaker."""
+        now = self._now()
+        self._check_open_timeout(now)
+        with self._lock:
+            return BreakerSnapshot(
+                name=self._name,
+                state=self._state,
+                generation=self._gen,
+                consecutive_failures=self._failures,
+                failure_rate=self._window.rate(now) if self._window is not None else None,
+                half_open_successes=self._half_successes,
+                probes_in_flight=len(self._probes),
+                consecutive_opens=self._opens,
+                opened_at=self._opened_at,
+                open_for=self._open_for,
+                retry_after=self._retry_after(now),
+                calls=self._calls(),
+            )
+
+    def _calls(self) -> dict[str, int]:
+        return {
+            "success": self._n_success,
+            "failure": self._n_failure,
+            "ignored": self._n_ignored,
+            "cancelled": self._n_cancelled,
+            "rejected": self._n_rejected,
+        }
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name!r} state={self._state.value} gen={self._gen}>"
+
+    # -- control -----------------------------------------------------------------------------
+
+    def isolate(self) -> None:
+        """Force the breaker open (an operator's isolate): every call is rejected until reset."""
+        self._set_state(_FORCED_OPEN, "forced")
+
+    def disable(self) -> None:
+        """Let every call through and never trip, until :meth:`reset`; calls are still counted."""
+        self._set_state(_DISABLED, "forced")
+
+    def reset(self) -> None:
+        """Close the breaker and forget failures and growth of the open time."""
+        self._set_state(_CLOSED, "reset", clear_growth=True)
+
+    def _set_state(self, to: CircuitState, reason: str, *, clear_growth: bool = False) -> None:
+        now = self._now()
+        with self._lock:
+            event = self._transition(to, reason, now)
+            if clear_growth:
+                self._opens = 0
+        if event is not None:
+            self._emit(event)
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _on_hooks_changed(self) -> None:
+        hooks = self._hookset
+        self._w_success = hooks.wants(BreakerCallSucceeded)
+        self._w_failure = hooks.wants(BreakerCallFailed)
+        self._w_ignored = hooks.wants(BreakerCallIgnored)
+        self._w_cancelled = hooks.wants(BreakerCallCancelled)
+        self._w_rejected = hooks.wants(BreakerCallRejected)
+        self._w_state = hooks.wants(BreakerStateChanged)
+        self._update_fast()
+
+    def _update_fast(self) -> None:
+        # The fast path handles CLOSED with failures in a row and nothing to time, predicate or
+        # report per success: then a success costs one counter increment.
+        self._fast = (
+            self._state is _CLOSED
+            and self._window is None
+            and not self._timed
+            and self._failure_on_result is None
+            and not self._w_success
+        )
+
+    # -- state machine (call with self._lock held) --------------------------------------------
+
+    def _transition(self, to: CircuitState, reason: str, now: float) -> BreakerStateChanged | None:
+        frm = self._state
+        if frm is to:
+            self._failures = 0
+            self._half_successes = 0
+            if self._window is not None:
+                self._window.clear()
+            return None
+        self._gen += 1
+        self._state = to
+        self._probes.clear()
+        self._half_successes = 0
+        self._failures = 0
+        if self._window is not None:
+            self._window.clear()
+        open_for: float | None = None
+        if to is _OPEN:
+            open_for = self._next_open_duration(frm, now)
+            self._opened_at, self._open_for = now, open_for
+            self._last_open_for = open_for
+            self._reopen_at = now + open_for
+        elif to is _FORCED_OPEN:
+            self._opened_at, self._open_for = now, None
+        else:
+            self._opened_at = self._open_for = None
+        if to is _CLOSED:
+            self._closed_at = now
+        key = (frm, to)
+        self._transitions[key] = self._transitions.get(key, 0) + 1
+        self._update_fast()
+        if not self._w_state:
+            return None
+        return BreakerStateChanged(
+            name=self._name,
+            from_state=frm,
+            to_state=to,
+            reason=reason,
+            open_for=open_for,
+            generation=self._gen,
+        )
+
+    def _next_open_duration(self, frm: CircuitState, now: float) -> float:
+        backoff = self._backoff
+        if backoff is None:
+            self._opens += 1
+            return self._reset_timeout
+        if frm is _CLOSED and self._opens:
+            steps = int((now - self._closed_at) // self._cool_down)
+            if steps:
+                self._opens = 0 if backoff.decay == "reset" else max(0, self._opens - steps)
+        self._opens += 1
+        return backoff.duration(self._opens - 1, self._rng)
+
+    def _check_open_timeout(self, now: float) -> None:
+        if self._state is not _OPEN:
+            return
+        with self._lock:
+            event = self._maybe_half_open(now)
+        if event is not None:
+            self._emit(event)
+
+    def _maybe_half_open(self, now: float) -> BreakerStateChanged | None:
+        if (
+            self._state is _OPEN
+            and self._opened_at is not None
+            and self._open_for is not None
+            and now - self._opened_at >= self._open_for
+        ):
+            return self._transition(_HALF_OPEN, "open_timeout", now)
+        return None
+
+    def _retry_after(self, now: float) -> float:
+        state = self._state
+        if state is _OPEN and self._opened_at is not None and self._open_for is not None:
+            return max(0.0, self._opened_at + self._open_for - now)
+        if state is _FORCED_OPEN:
+            return math.inf
+        if state is _HALF_OPEN and len(self._probes) >= self._half_open_max:
+            return max(0.0, min(self._probes.values()) - now)
+        return 0.0
+
+    def _lease(self) -> float:
+        if self._probe_lease is not None:
+            return self._probe_lease
+        return self._last_open_for
+
+    # -- admission and recording ---------------------------------------------------------------
+
+    def _acquire(self) -> _Permit:
+        """Admit a call or raise CircuitOpenError. Returns the call's permit."""
+        now = self._now()
+        if self._state is _OPEN and now < self._reopen_at:
+            raise self._reject_open(now)
+        event: BreakerStateChanged | None = None
+        with self._lock:
+            state = self._state
+            if state is _CLOSED or state is _DISABLED:
+                return (self._gen, 0, state, now if self._timed else None)
+            if state is _OPEN:
+                event = self._maybe_half_open(now)
+                state = self._state
+            if state is _HALF_OPEN:
+                probes = self._probes
+                if probes:
+                    for token in [t for t, deadline in probes.items() if deadline <= now]:
+                        del probes[token]
+                if len(probes) < self._half_open_max:
+                    token = next(self._tokens)
+                    probes[token] = now + self._lease()
+                    permit = (self._gen, token, state, now if self._timed else None)
+                else:
+                    permit = None
+            else:
+                permit = None
+            if permit is None:
+                self._n_rejected += 1
+                retry_after = self._retry_after(now)
+        if event is not None:
+            self._emit(event)
+        if permit is not None:
+            return permit
+        if self._w_rejected:
+            self._emit(BreakerCallRejected(name=self._name, state=state, retry_after=retry_after))
+        raise CircuitOpenError(self._name, state.value, retry_after)
+
+    def _reject_open(self, now: float) -> CircuitOpenError:
+        # The common rejection needs no lock: nothing changes but a counter.
+        self._n_rejected += 1
+        retry_after = self._reopen_at - now
+        if self._w_rejected:
+            self._emit(BreakerCallRejected(name=self._name, state=_OPEN, retry_after=retry_after))
+        return CircuitOpenError(self._name, "open", retry_after)
+
+    def _observe(self, start: float | None) -> float | None:
+        if start is None:
+            return None
+        duration = self._now() - start
+        if self._record_duration:
+            self._hist[bisect.bisect_left(self._bounds, duration)] += 1
+            self._hist_sum += duration
+        return duration
+
+    def _on_result(self, permit: _Permit, result: object) -> None:
+        gen, token, state, start = permit
+        duration = self._observe(start)
+        predicate = self._failure_on_result
+        if predicate is not None and predicate(result):
+            self._on_failure(gen, token, state, None, duration, slow=False)
+            return
+        if self._slow is not None and duration is not None and duration > self._slow:
+            self._on_failure(gen, token, state, None, duration, slow=True)
+            return
+        self._on_success(gen, token, state, duration)
+
+    def _on_success(
+        self, gen: int, token: int, state: CircuitState, duration: float | None
+    ) -> None:
+        event: BreakerStateChanged | None = None
+        with self._lock:
+            self._n_success += 1
+            if gen == self._gen:
+                if token:
+                    if self._probes.pop(token, None) is not None:
+                        self._half_successes += 1
+                        if self._half_successes >= self._success_threshold:
+                            event = self._transition(_CLOSED, "probes_succeeded", self._now())
+                elif self._state is _CLOSED:
+                    if self._window is not None:
+                        self._window.record(False, self._now())
+                    else:
+                        self._failures = 0
+        if self._w_success:
+            self._emit(BreakerCallSucceeded(name=self._name, state=state, duration=duration))
+        if event is not None:
+            self._emit(event)
+
+    def _on_failure(
+        self,
+        gen: int,
+        token: int,
+        state: CircuitState,
+        error: BaseException | None,
+        duration: float | None,
+        *,
+        slow: bool,
+    ) -> None:
+        event: BreakerStateChanged | None = None
+        with self._lock:
+            self._n_failure += 1
+            if gen == self._gen:
+                if token:
+                    if self._probes.pop(token, None) is not None:
+                        event = self._transition(_OPEN, "probe_failed", self._now())
+                elif self._state is _CLOSED:
+                    now = self._now()
+                    if self._window is not None:
+                        if self._window.record(True, now):
+                            event = self._transition(_OPEN, "failure_rate", now)
+                    else:
+                        self._failures += 1
+                        if self._failures >= self._failure_threshold:
+                            event = self._transition(_OPEN, "failure_threshold", now)
+        if self._w_failure:
+            self._emit(
+                BreakerCallFailed(
+                    name=self._name, state=state, error=error, duration=duration, slow=slow
+                )
+            )
+        if event is not None:
+            self._emit(event)
+
+    def _on_exception(self, permit: _Permit, exc: BaseException) -> None:
+        gen, token, state, start = permit
+        if not isinstance(exc, Exception):
+            # Cancellation, KeyboardInterrupt, SystemExit, GeneratorExit: never a verdict.
+            self._release(token)
+            if _is_cancellation(exc):
+                self._n_cancelled += 1
+                if self._w_cancelled:
+                    self._emit(BreakerCallCancelled(name=self._name, state=state))
+            else:
+                self._n_ignored += 1
+                if self._w_ignored:
+                    self._emit(BreakerCallIgnored(name=self._name, state=state, error=exc))
+            return
+        duration = self._observe(start)
+        ignored = self._is_ignored
+        if ignored is not None and ignored(exc):
+            self._release(token)
+            self._n_ignored += 1
+            if self._w_ignored:
+                self._emit(BreakerCallIgnored(name=self._name, state=state, error=exc))
+            return
+        failure = self._is_failure
+        if failure is not None and failure(exc):
+            self._on_failure(gen, token, state, exc, duration, slow=False)
+        else:
+            self._on_success(gen, token, state, duration)
+
+    def _release(self, token: int) -> None:
+        if token:
+            with self._lock:
+                self._probes.pop(token, None)
+
+    # -- forms of use ---------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` through the breaker.
+
+        Raises:
+            CircuitOpenError: If the breaker rejects the call; ``fn`` is not called.
+        """
+        # Keep in step with the wrapper built in __call__, which inlines the same code.
+        if self._fast:
+            gen = self._gen
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._on_exception((gen, 0, _CLOSED, None), exc)
+                raise
+            if self._failures:
+                self._on_success(gen, 0, _CLOSED, None)
+            else:
+                self._n_success += 1
+            return result
+        permit = self._acquire()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            self._on_exception(permit, exc)
+            raise
+        self._on_result(permit, result)
+        return result
+
+    def call_sync(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` (a plain function) through the breaker.
+
+        Safe to use from many threads at once; no lock is held while ``fn`` runs.
+
+        Raises:
+            CircuitOpenError: If the breaker rejects the call; ``fn`` is not called.
+        """
+        permit = self._acquire()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._on_exception(permit, exc)
+            raise
+        self._on_result(permit, result)
+        return result
+
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        """Decorate an ``async def`` or plain function so every call goes through the breaker."""
+        if inspect.iscoroutinefunction(fn):
+            breaker = self
+            acquire, on_exception, on_result = self._acquire, self._on_exception, self._on_result
+
+            # The body of call(), inlined: one coroutine frame less is a third of the overhead.
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                if breaker._fast:
+                    gen = breaker._gen
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        on_exception((gen, 0, _CLOSED, None), exc)
+                        raise
+                    if breaker._failures:
+                        breaker._on_success(gen, 0, _CLOSED, None)
+                    else:
+                        breaker._n_success += 1
+                    return result
+                if breaker._state is _OPEN:
+                    now = breaker._now()
+                    if now < breaker._reopen_at:
+                        raise breaker._reject_open(now)
+                permit = acquire()
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    on_exception(permit, exc)
+                    raise
+                on_result(permit, result)
+                return result
+
+            async_wrapper.breaker = self  # type: ignore[attr-defined]
+            return async_wrapper
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            raise TypeError(
+                "a circuit breaker cannot decorate a generator function: its outcome is not "
+                "known when it returns; wrap the code that consumes it instead"
+            )
+        call_sync = self.call_sync
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return call_sync(fn, *args, **kwargs)
+
+        sync_wrapper.breaker = self  # type: ignore[attr-defined]
+        return sync_wrapper
+
+    async def __aenter__(self) -> CircuitBreaker:
+        self._enter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit(exc)
+
+    def __enter__(self) -> CircuitBreaker:
+        self._enter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit(exc)
+
+    def _enter(self) -> None:
+        permit = self._acquire()
+        self._permits.set((*self._permits.get(), permit))
+
+    def _exit(self, exc: BaseException | None) -> None:
+        stack = self._permits.get()
+        if not stack:
+            raise RuntimeError(f"circuit breaker {self._name!r} exited more often than entered")
+        permit = stack[-1]
+        self._permits.set(stack[:-1])
+        if exc is None:
+            self._on_result(permit, None)
+        else:
+            self._on_exception(permit, exc)
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        name = self._name
+        state = self.state
+        for s in _ALL_STATES:
+            yield "veritas_circuit_breaker_state", (name, s.value), 1.0 if s is state else 0.0
+        for outcome, count in self._calls().items():
+            yield "veritas_circuit_breaker_calls", (name, outcome), float(count)
+        for (frm, to), count in sorted(self._transitions.items()):
+            yield (
+                "veritas_circuit_breaker_transitions",
+                (name, frm.value, to.value),
+                float(count),
+            )
+        if self._record_duration:
+            yield (
+                "veritas_circuit_breaker_call_duration_seconds",
+                (name,),
+                HistogramValue(cumulative_buckets(self._bounds, self._hist), self._hist_sum),
+            )
+        open_for = self._open_for if state is _OPEN else None
+        yield "veritas_circuit_breaker_open_seconds", (name,), float(open_for or 0.0)
+        yield "veritas_circuit_breaker_half_open_probes", (name,), float(len(self._probes))
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    # trio.Cancelled, without importing trio when it is not in use.
+    return any(
+        cls.__name__ == "Cancelled" and cls.__module__.startswith("trio")
+        for cls in type(exc).__mro__
+    )
+
+
+class ExponentialCircuitBreaker(CircuitBreaker):
+    """The advanced breaker: its open time grows on each consecutive re-open, and it needs several
+    probe successes to close.
+
+    Equivalent to ``CircuitBreaker(success_threshold=3, open_duration=ExponentialBackoff(...))``
+    with the guide's defaults: the first break lasts ``base`` (1 s), each re-open doubles it up to
+    ``maximum`` (60 s), and ``success_threshold`` (3) successful probes close it.
+
+    Args:
+        name: See :class:`CircuitBreaker`.
+        failure_threshold: Failures in a row (>= 1) that open the breaker.
+        success_threshold: Probe successes (>= 1) needed to close.
+        base: First open time in seconds (> 0).
+        maximum: Cap on the open time in seconds (>= base).
+        multiplier: Growth factor per re-open (>= 1).
+        jitter: Fraction in [0, 1] of the open time taken off at random.
+        cool_down: Closed seconds that undo one step of growth (``maximum`` by default).
+        decay: ``"step"`` or ``"reset"``, see :class:`ExponentialBackoff`.
+        **options: Any other :class:`CircuitBreaker` argument.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        failure_threshold: int = 5,
+        success_threshold: int = 3,
+        base: Seconds = 1.0,
+        maximum: Seconds = 60.0,
+        multiplier: float = 2.0,
+        jitter: float = 0.0,
+        cool_down: Seconds | None = None,
+        decay: Literal["step", "reset"] = "step",
+        **options: Any,
+    ) -> None:
+        if "open_duration" in options:
+            raise TypeError(
+                "ExponentialCircuitBreaker builds its own open_duration; pass base/maximum"
+            )
+        super().__init__(
+            name=name,
+            failure_threshold=failure_threshold,
+            success_threshold=success_threshold,
+            open_duration=ExponentialBackoff(
+                base=base,
+                maximum=maximum,
+                multiplier=multiplier,
+                jitter=jitter,
+                cool_down=cool_down,
+                decay=decay,
+            ),
+            **options,
+        )
+
+
+class CircuitBreakerRegistry:
+    """Gets or creates breakers by name, so every part of a service shares one per dependency.
+
+    Example:
+        >>> registry = CircuitBreakerRegistry(failure_threshold=3)
+        >>> a = registry.get("payments")
+        >>> a is registry.get("payments")
+        True
+
+    Args:
+        factory: Builds a breaker from a name and options; :class:`CircuitBreaker` by default.
+        **defaults: Options passed to every breaker the registry creates.
+    """
+
+    def __init__(
+        self, factory: Callable[..., CircuitBreaker] = CircuitBreaker, **defaults: Any
+    ) -> None:
+        self._factory = factory
+        self._defaults = defaults
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, **options: Any) -> CircuitBreaker:
+        """Return the breaker called ``name``, creating it with the defaults and ``options``."""
+        with self._lock:
+            breaker = self._breakers.get(name)
+            if breaker is None:
+                breaker = self._factory(name=name, **{**self._defaults, **options})
+                self._breakers[name] = breaker
+            return breaker
+
+    def __getitem__(self, name: str) -> CircuitBreaker:
+        with self._lock:
+            return self._breakers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._breakers
+
+    def __iter__(self) -> Iterator[CircuitBreaker]:
+        with self._lock:
+            return iter(list(self._breakers.values()))
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def snapshots(self) -> list[BreakerSnapshot]:
+        """A snapshot of every breaker, sorted by name."""
+        return [b.snapshot() for b in sorted(self, key=lambda b: b.name)]
+
+    def isolate_all(self, names: Iterable[str] | None = None) -> None:
+        """Force open every breaker (or those named): one switch to cut a dependency off."""
+        for breaker in self:
+            if names is None or breaker.name in set(names):
+                breaker.isolate()
+
+    def reset_all(self) -> None:
+        """Reset every breaker."""
+        for breaker in self:
+            breaker.reset()

@@ -1,0 +1,185 @@
+"""Prometheus export: components count in plain integers, a custom collector reads them at scrape.
+
+A ``Counter.inc()`` costs about 280 ns and ``Histogram.observe()`` about 600 ns on the machines this
+library targets, more than a whole breaker call should. So components keep their own counters and
+bucket counts, and :class:`PrometheusHook` attaches them to one collector per registry that turns
+those numbers into metric families when Prometheus scrapes. The hot path pays nothing for metrics.
+
+Each component type declares its metric families once with :func:`define_metric`, and exposes its
+samples through a ``_metric_samples()`` method yielding ``(family, label_values, value)``; value
+is a number, or a :class:`HistogramValue` for histograms.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ..events import Event
+
+__all__ = ["HistogramValue", "PrometheusHook", "define_metric"]
+
+MetricType = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    name: str
+    type: MetricType
+    documentation: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramValue:
+    """A histogram sample: cumulative ``(bound, count)`` pairs ending with ``+Inf``, and a sum."""
+
+    buckets: Sequence[tuple[str, float]]
+    sum: float
+
+
+class _Instrumented(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def _metric_samples(self) -> Iterable[tuple[str, tuple[str, ...], float | HistogramValue]]: ...
+
+
+_FAMILIES: dict[str, _Family] = {}
+
+
+def define_metric(name: str, type: MetricType, documentation: str, labels: Sequence[str]) -> None:
+    """Declare a metric family (without ``_total`` for counters); idempotent for equal specs."""
+    family = _Family(name, type, documentation, tuple(labels))
+    existing = _FAMILIES.setdefault(name, family)
+    if existing != family:
+        raise ValueError(f"metric {name!r} is already defined differently: {existing!r}")
+
+
+class _Collector(Collector):
+    def __init__(self) -> None:
+        self._components: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, component: _Instrumented) -> None:
+        with self._lock:
+            self._components.add(component)
+
+    def discard(self, component: _Instrumented) -> None:
+        with self._lock:
+            self._components.discard(component)
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            components = sorted(self._components, key=lambda c: (type(c).__name__, c.name))
+        families: dict[str, Metric] = {}
+        seen: set[tuple[str, tuple[str, ...]]] = set()
+        for component in components:
+            for family_name, label_values, value in component._metric_samples():
+                key = (family_name, label_values)
+                if key in seen:
+                    # Two live components with one name: export the first, never a duplicate
+                    # series (Prometheus would reject the whole scrape).
+                    continue
+                seen.add(key)
+                metric = families.get(family_name)
+                if metric is None:
+                    metric = families[family_name] = _new_family(_FAMILIES[family_name])
+                if isinstance(value, HistogramValue):
+                    assert isinstance(metric, HistogramMetricFamily)
+                    metric.add_metric(list(label_values), list(value.buckets), value.sum)
+                else:
+                    metric.add_metric(list(label_values), value)  # type: ignore[attr-defined]
+        yield from families.values()
+
+
+def _new_family(family: _Family) -> Metric:
+    if family.type == "counter":
+        return CounterMetricFamily(family.name, family.documentation, labels=family.labels)
+    if family.type == "gauge":
+        return GaugeMetricFamily(family.name, family.documentation, labels=family.labels)
+    return HistogramMetricFamily(family.name, family.documentation, labels=family.labels)
+
+
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = weakref.WeakKeyDictionary()
+_collectors_lock = threading.Lock()
+
+
+def _collector_for(registry: CollectorRegistry) -> _Collector:
+    with _collectors_lock:
+        collector = _collectors.get(registry)
+        if collector is None:
+            collector = _collectors[registry] = _Collector()
+            registry.register(collector)
+        return collector
+
+
+class PrometheusHook:
+    """Exports the metrics of every component it is installed on, read at scrape time.
+
+    It wants no events: components count calls, outcomes, transitions and durations in plain
+    integers, and this hook's collector reads them when the registry is scraped, so a call pays
+    nothing for metrics. The CLOSED state series exists from the moment a breaker is created.
+
+    Args:
+        registry: Where to export; the global ``prometheus_client.REGISTRY`` by default. Use your
+            own ``CollectorRegistry`` in tests to keep them apart.
+
+    Example:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> registry = CollectorRegistry()
+        >>> breaker = CircuitBreaker(name="db", hooks=[PrometheusHook(registry)])  # doctest: +SKIP
+        >>> print(generate_latest(registry).decode())  # doctest: +SKIP
+    """
+
+    events: frozenset[type[Event]] = frozenset()
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        self._collector = _collector_for(self.registry)
+
+    def on_event(self, event: Event) -> None:
+        """Do nothing: metrics are read from the components at scrape time."""
+
+    def attach(self, component: _Instrumented) -> None:
+        """Export ``component``'s metrics from now on."""
+        self._collector.add(component)
+
+    def detach(self, component: _Instrumented) -> None:
+        """Stop exporting ``component``'s metrics."""
+        self._collector.discard(component)
+
+    def __repr__(self) -> str:
+        where = "global" if self.registry is REGISTRY else f"0x{id(self.registry):x}"
+        return f"PrometheusHook(registry={where})"
+
+
+def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Turn per-bucket counts (the last one for +Inf) into Prometheus' cumulative pairs."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip(bounds, counts):
+        total += count
+        out.append((_format_bound(bound), float(total)))
+    total += counts[-1]
+    out.append(("+Inf", float(total)))
+    return out
+
+
+def _format_bound(bound: float) -> str:
+    return repr(float(bound))

@@ -1,0 +1,77 @@
+"""Log lines for what an operator must see: state changes and failures, never every success."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from .._redact import redact
+from ..events import (
+    BreakerCallFailed,
+    BreakerStateChanged,
+    CircuitState,
+    Event,
+)
+
+__all__ = ["StructlogHook", "LOGGED_EVENTS"]
+
+LOGGED_EVENTS: set[type[Event]] = {BreakerStateChanged, BreakerCallFailed}
+"""Event types the structlog hook logs; other modules add theirs when they are imported."""
+
+
+def error_fields(error: BaseException | None) -> dict[str, str]:
+    """Describe an exception for a log line: its type and its message with secrets redacted."""
+    if error is None:
+        return {}
+    return {"error_type": type(error).__name__, "error": redact(str(error))}
+
+
+class StructlogHook:
+    """Logs state changes (warning when a breaker opens) and failures with structlog.
+
+    Logs carry the component's name, never call arguments (they may hold personal data), and
+    error messages have passwords redacted.
+
+    Args:
+        logger: A structlog logger; ``structlog.get_logger("veritas_resilience")`` by default.
+    """
+
+    def __init__(self, logger: Any = None) -> None:
+        self._log = logger if logger is not None else structlog.get_logger("veritas_resilience")
+
+    @property
+    def events(self) -> frozenset[type[Event]]:
+        """The event types this hook logs."""
+        return frozenset(LOGGED_EVENTS)
+
+    def on_event(self, event: Event) -> None:
+        """Write one log line for ``event``."""
+        if isinstance(event, BreakerStateChanged):
+            level = "warning" if event.to_state in (CircuitState.OPEN,) else "info"
+            fields: dict[str, Any] = {
+                "breaker": event.name,
+                "from_state": event.from_state.value,
+                "to_state": event.to_state.value,
+                "reason": event.reason,
+            }
+            if event.open_for is not None:
+                fields["open_for"] = round(event.open_for, 6)
+            getattr(self._log, level)("circuit_breaker_state_changed", **fields)
+        elif isinstance(event, BreakerCallFailed):
+            self._log.warning(
+                "circuit_breaker_call_failed",
+                breaker=event.name,
+                state=event.state.value,
+                slow=event.slow,
+                duration=event.duration,
+                **error_fields(event.error),
+            )
+        else:
+            describe = getattr(event, "log_fields", None)
+            if describe is not None:
+                level, message, fields = describe()
+                getattr(self._log, level)(message, **fields)
+
+    def __repr__(self) -> str:
+        return "StructlogHook()"
