@@ -79,7 +79,7 @@ class HookSet:
                 _log.error(
                     "hook_disabled",
                     hook=repr(hook),
-                    event=type(event).__name__,
+                    event_type=type(event).__name__,
                     error_type=type(exc).__name__,
                     error=str(exc),
                 )

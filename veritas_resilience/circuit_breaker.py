@@ -537,11 +537,13 @@ class CircuitBreaker(_hooks.Instrumented):
         self._half_successes = 0
         self._probes: dict[int, float] = {}
         self._tokens = itertools.count(1)
-        self._n_success = 0
-        self._n_failure = 0
-        self._n_ignored = 0
-        self._n_cancelled = 0
-        self._n_rejected = 0
+        # next() on itertools.count is atomic (one C call), so counts stay exact when threads
+        # share the breaker, without a lock on the success path.
+        self._n_success = itertools.count()
+        self._n_failure = itertools.count()
+        self._n_ignored = itertools.count()
+        self._n_cancelled = itertools.count()
+        self._n_rejected = itertools.count()
         self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
         self._permits = ContextVar(f"veritas_breaker_permits_{id(self)}", default=())
 
@@ -594,11 +596,11 @@ class CircuitBreaker(_hooks.Instrumented):
 
     def _calls(self) -> dict[str, int]:
         return {
-            "success": self._n_success,
-            "failure": self._n_failure,
-            "ignored": self._n_ignored,
-            "cancelled": self._n_cancelled,
-            "rejected": self._n_rejected,
+            "success": _read(self._n_success),
+            "failure": _read(self._n_failure),
+            "ignored": _read(self._n_ignored),
+            "cancelled": _read(self._n_cancelled),
+            "rejected": _read(self._n_rejected),
         }
 
     def __repr__(self) -> str:
@@ -640,12 +642,13 @@ class CircuitBreaker(_hooks.Instrumented):
         self._update_fast()
 
     def _update_fast(self) -> None:
-        # The fast path handles CLOSED with failures in a row and nothing to time, predicate or
-        # report per success: then a success costs one counter increment.
+        # The fast path handles CLOSED with failures in a row, no verdict to draw from the result
+        # or its duration, and no success event: a success costs a counter increment (plus the
+        # histogram when record_duration is on).
         self._fast = (
             self._state is _CLOSED
             and self._window is None
-            and not self._timed
+            and self._slow is None
             and self._failure_on_result is None
             and not self._w_success
         )
@@ -714,19 +717,14 @@ class CircuitBreaker(_hooks.Instrumented):
             self._emit(event)
 
     def _maybe_half_open(self, now: float) -> BreakerStateChanged | None:
-        if (
-            self._state is _OPEN
-            and self._opened_at is not None
-            and self._open_for is not None
-            and now - self._opened_at >= self._open_for
-        ):
+        if self._state is _OPEN and now >= self._reopen_at:
             return self._transition(_HALF_OPEN, "open_timeout", now)
         return None
 
     def _retry_after(self, now: float) -> float:
         state = self._state
-        if state is _OPEN and self._opened_at is not None and self._open_for is not None:
-            return max(0.0, self._opened_at + self._open_for - now)
+        if state is _OPEN:
+            return max(0.0, self._reopen_at - now)
         if state is _FORCED_OPEN:
             return math.inf
         if state is _HALF_OPEN and len(self._probes) >= self._half_open_max:
@@ -743,7 +741,10 @@ class CircuitBreaker(_hooks.Instrumented):
     def _acquire(self) -> _Permit:
         """Admit a call or raise CircuitOpenError. Returns the call's permit."""
         now = self._now()
-        if self._state is _OPEN and now < self._reopen_at:
+        state = self._state
+        if state is _CLOSED or state is _DISABLED:
+            return (self._gen, 0, state, now if self._timed else None)
+        if state is _OPEN and now < self._reopen_at:
             raise self._reject_open(now)
         event: BreakerStateChanged | None = None
         with self._lock:
@@ -767,7 +768,7 @@ class CircuitBreaker(_hooks.Instrumented):
             else:
                 permit = None
             if permit is None:
-                self._n_rejected += 1
+                next(self._n_rejected)
                 retry_after = self._retry_after(now)
         if event is not None:
             self._emit(event)
@@ -779,7 +780,7 @@ class CircuitBreaker(_hooks.Instrumented):
 
     def _reject_open(self, now: float) -> CircuitOpenError:
         # The common rejection needs no lock: nothing changes but a counter.
-        self._n_rejected += 1
+        next(self._n_rejected)
         retry_after = self._reopen_at - now
         if self._w_rejected:
             self._emit(BreakerCallRejected(name=self._name, state=_OPEN, retry_after=retry_after))
@@ -809,20 +810,24 @@ class CircuitBreaker(_hooks.Instrumented):
     def _on_success(
         self, gen: int, token: int, state: CircuitState, duration: float | None
     ) -> None:
+        next(self._n_success)
         event: BreakerStateChanged | None = None
-        with self._lock:
-            self._n_success += 1
-            if gen == self._gen:
-                if token:
-                    if self._probes.pop(token, None) is not None:
+        if gen == self._gen:
+            if token:
+                with self._lock:
+                    if gen == self._gen and self._probes.pop(token, None) is not None:
                         self._half_successes += 1
                         if self._half_successes >= self._success_threshold:
                             event = self._transition(_CLOSED, "probes_succeeded", self._now())
-                elif self._state is _CLOSED:
-                    if self._window is not None:
-                        self._window.record(False, self._now())
-                    else:
-                        self._failures = 0
+            elif self._state is _CLOSED:
+                if self._window is None:
+                    self._failures = 0
+                else:
+                    with self._lock:
+                        # Reaching minimum_calls with a success can still reveal a high rate.
+                        now = self._now()
+                        if gen == self._gen and self._window.record(False, now):
+                            event = self._transition(_OPEN, "failure_rate", now)
         if self._w_success:
             self._emit(BreakerCallSucceeded(name=self._name, state=state, duration=duration))
         if event is not None:
@@ -840,7 +845,7 @@ class CircuitBreaker(_hooks.Instrumented):
     ) -> None:
         event: BreakerStateChanged | None = None
         with self._lock:
-            self._n_failure += 1
+            next(self._n_failure)
             if gen == self._gen:
                 if token:
                     if self._probes.pop(token, None) is not None:
@@ -869,11 +874,11 @@ class CircuitBreaker(_hooks.Instrumented):
             # Cancellation, KeyboardInterrupt, SystemExit, GeneratorExit: never a verdict.
             self._release(token)
             if _is_cancellation(exc):
-                self._n_cancelled += 1
+                next(self._n_cancelled)
                 if self._w_cancelled:
                     self._emit(BreakerCallCancelled(name=self._name, state=state))
             else:
-                self._n_ignored += 1
+                next(self._n_ignored)
                 if self._w_ignored:
                     self._emit(BreakerCallIgnored(name=self._name, state=state, error=exc))
             return
@@ -881,7 +886,7 @@ class CircuitBreaker(_hooks.Instrumented):
         ignored = self._is_ignored
         if ignored is not None and ignored(exc):
             self._release(token)
-            self._n_ignored += 1
+            next(self._n_ignored)
             if self._w_ignored:
                 self._emit(BreakerCallIgnored(name=self._name, state=state, error=exc))
             return
@@ -907,15 +912,17 @@ class CircuitBreaker(_hooks.Instrumented):
         # Keep in step with the wrapper built in __call__, which inlines the same code.
         if self._fast:
             gen = self._gen
+            start = self._now() if self._record_duration else None
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
-                self._on_exception((gen, 0, _CLOSED, None), exc)
+                self._on_exception((gen, 0, _CLOSED, start), exc)
                 raise
-            if self._failures:
-                self._on_success(gen, 0, _CLOSED, None)
-            else:
-                self._n_success += 1
+            if start is not None:
+                self._observe(start)
+            next(self._n_success)
+            if self._failures and self._gen == gen:
+                self._failures = 0
             return result
         permit = self._acquire()
         try:
@@ -934,6 +941,20 @@ class CircuitBreaker(_hooks.Instrumented):
         Raises:
             CircuitOpenError: If the breaker rejects the call; ``fn`` is not called.
         """
+        if self._fast:
+            gen = self._gen
+            start = self._now() if self._record_duration else None
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                self._on_exception((gen, 0, _CLOSED, start), exc)
+                raise
+            if start is not None:
+                self._observe(start)
+            next(self._n_success)
+            if self._failures and self._gen == gen:
+                self._failures = 0
+            return result
         permit = self._acquire()
         try:
             result = fn(*args, **kwargs)
@@ -956,21 +977,31 @@ class CircuitBreaker(_hooks.Instrumented):
         if inspect.iscoroutinefunction(fn):
             breaker = self
             acquire, on_exception, on_result = self._acquire, self._on_exception, self._on_result
+            count_success = self._n_success
+            timed, read_clock, observe = self._record_duration, self._now, self._observe
 
             # The body of call(), inlined: one coroutine frame less is a third of the overhead.
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 if breaker._fast:
                     gen = breaker._gen
-                    try:
-                        result = await fn(*args, **kwargs)
-                    except BaseException as exc:
-                        on_exception((gen, 0, _CLOSED, None), exc)
-                        raise
-                    if breaker._failures:
-                        breaker._on_success(gen, 0, _CLOSED, None)
+                    if timed:
+                        start = read_clock()
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            on_exception((gen, 0, _CLOSED, start), exc)
+                            raise
+                        observe(start)
                     else:
-                        breaker._n_success += 1
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            on_exception((gen, 0, _CLOSED, None), exc)
+                            raise
+                    next(count_success)
+                    if breaker._failures and breaker._gen == gen:
+                        breaker._failures = 0
                     return result
                 if breaker._state is _OPEN:
                     now = breaker._now()
@@ -1064,6 +1095,11 @@ class CircuitBreaker(_hooks.Instrumented):
         open_for = self._open_for if state is _OPEN else None
         yield "veritas_circuit_breaker_open_seconds", (name,), float(open_for or 0.0)
         yield "veritas_circuit_breaker_half_open_probes", (name,), float(len(self._probes))
+
+
+def _read(counter: itertools.count[int]) -> int:
+    # repr is "count(N)": the only way to read a count without advancing it on every version.
+    return int(repr(counter)[6:-1])
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -4,7 +4,7 @@ Every primitive reports what happened as a frozen, slotted dataclass sent to its
 hooks turn events into Prometheus metrics and structlog log lines; your own hooks get the same
 events. A hook that raises is disabled and logged, and never changes the outcome of a call.
 
-Hooks say which event types they want through an optional ``events`` attribute (a frozenset of
+Hooks say which event types they want through an optional ``event_types`` attribute (a frozenset of
 event classes; absent or ``None`` means all). Primitives skip building events nobody wants, which
 is what keeps the success path cheap.
 """
@@ -133,10 +133,10 @@ class BreakerCallRejected(Event):
 class Hook(Protocol):
     """Receives events from the primitives it is installed on.
 
-    Implement ``on_event``. Optionally set ``events`` to the frozenset of event classes the hook
-    wants (subclasses included; ``None`` means every event), and define ``attach(component)`` to be
-    told of each component that starts using the hook (the Prometheus hook uses it to export the
-    component's counters at scrape time).
+    Implement ``on_event``. Optionally set ``event_types`` to the frozenset of event classes the
+    hook wants (subclasses included; ``None`` means every event), and define
+    ``attach(component)`` to be told of each component that starts using the hook (the
+    Prometheus hook uses it to export the component's counters at scrape time).
     """
 
     def on_event(self, event: Event) -> None:
@@ -146,5 +146,5 @@ class Hook(Protocol):
 
 def wanted_event_types(hook: Any) -> frozenset[type[Event]] | None:
     """Return the event classes ``hook`` asked for, or ``None`` for all (internal helper)."""
-    events = getattr(hook, "events", None)
+    events = getattr(hook, "event_types", None)
     return None if events is None else frozenset(events)

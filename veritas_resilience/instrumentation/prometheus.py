@@ -147,7 +147,7 @@ class PrometheusHook:
         >>> print(generate_latest(registry).decode())  # doctest: +SKIP
     """
 
-    events: frozenset[type[Event]] = frozenset()
+    event_types: frozenset[type[Event]] = frozenset()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = REGISTRY if registry is None else registry

@@ -41,7 +41,7 @@ class StructlogHook:
         self._log = logger if logger is not None else structlog.get_logger("veritas_resilience")
 
     @property
-    def events(self) -> frozenset[type[Event]]:
+    def event_types(self) -> frozenset[type[Event]]:
         """The event types this hook logs."""
         return frozenset(LOGGED_EVENTS)
 

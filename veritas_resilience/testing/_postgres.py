@@ -6,7 +6,7 @@ everything down again. It then plays the parts that a failover client must survi
 
     with LocalPostgresCluster(standbys=1) as cluster:
         old, new = cluster.primary, cluster.standbys[0]
-        cluster.kill_primary()                 # crash: pg_ctl stop -m immediate
+        cluster.kill_primary()                 # crash, as pg_ctl stop -m immediate
         cluster.promote(new)                   # new primary on timeline 2
         cluster.restart_as_primary(old)        # split brain: two primaries, timelines 1 and 2
         cluster.rewind_as_standby(old)         # pg_rewind: the old primary follows the new one
@@ -35,15 +35,22 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from ._ports import free_port
 
-__all__ = ["LocalPostgresCluster", "PostgresNode", "PostgresQueryError"]
+__all__ = [
+    "LocalPostgresCluster",
+    "PostgresClusterFactory",
+    "PostgresNode",
+    "PostgresQueryError",
+]
 
 StopMode = Literal["smart", "fast", "immediate"]
+_STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 Role = Literal["primary", "standby"]
 SettingValue = str | int | float | bool
 
@@ -90,6 +97,14 @@ def _format_setting(value: SettingValue) -> str:
     if isinstance(value, int | float):
         return str(value)
     return "'" + value.replace("'", "''") + "'"
+
+
+class PostgresClusterFactory(Protocol):
+    """The type of the ``pg_cluster_factory`` fixture, for annotating tests."""
+
+    def __call__(self, standbys: int = 1, **kwargs: Any) -> LocalPostgresCluster:
+        """Start and return a cluster; ``kwargs`` go to :class:`LocalPostgresCluster`."""
+        ...
 
 
 class PostgresQueryError(RuntimeError):
@@ -225,13 +240,19 @@ def find_postgres_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
 
 
 _live_clusters: weakref.WeakSet[LocalPostgresCluster] = weakref.WeakSet()
+# initdb output, keyed by (bindir, server uid/gid, parent folder): initdb is the slowest step of
+# a start, and copying its result is ten times faster.
+_templates: dict[tuple[str, tuple[int, int] | None, str], Path] = {}
+_templates_lock = threading.Lock()
 
 
 @atexit.register
-def _stop_forgotten_clusters() -> None:  # pragma: no cover - only on interpreter exit
+def _clean_up_at_exit() -> None:  # pragma: no cover - only on interpreter exit
     for cluster in list(_live_clusters):
         with contextlib.suppress(Exception):
             cluster.stop()
+    for template in _templates.values():
+        shutil.rmtree(template.parent, ignore_errors=True)
 
 
 class LocalPostgresCluster:
@@ -266,7 +287,9 @@ class LocalPostgresCluster:
         bindir: Folder of the PostgreSQL binaries; found automatically when omitted (see
             :func:`find_postgres_bindir`).
         base_dir: Where to create the temporary folder (default: the system temp folder). When
-            running as root, the server user must be able to traverse every parent of it.
+            running as root, the server user must be able to traverse every parent of it. The
+            first cluster also leaves an ``initdb`` template there (``veritas-pg-template-*``),
+            which later clusters copy and which is deleted when the interpreter exits.
         server_user: The OS user the servers run as when the kit runs as root (default
             ``postgres``). Ignored otherwise: the servers run as the current user.
         timeout: Seconds to wait for any one step (start, promotion, streaming, ...).
@@ -357,49 +380,77 @@ class LocalPostgresCluster:
             for name in names
         ]
         primary = self._nodes[0]
-        self._run_server_tool(
-            "initdb",
-            "-D",
-            str(primary.data_dir),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-            "--no-instructions",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        )
+        template = self._template(parent)
         settings = _default_settings(self.host)
         if self._synchronous:
             settings["synchronous_standby_names"] = f"ANY 1 ({', '.join(names)})"
         settings.update(self._settings)
         conf = "".join(f"{k} = {_format_setting(v)}\n" for k, v in settings.items())
-        with (primary.data_dir / "postgresql.conf").open("a") as f:
-            f.write("\n# veritas-resilience testing kit\n" + conf)
-        self._pg_ctl_start(primary)
-        self._primary = primary
-        for node in self._nodes[1:]:
-            self._basebackup(node, primary)
-            self._pg_ctl_start(node)
+
+        # Every node starts as a copy of the same never-started data directory: for the
+        # standbys that is a cold base backup of the primary, without pg_basebackup's checkpoint
+        # and WAL streaming. The copies run in parallel (they are most of the start time).
+        def prepare(node: PostgresNode) -> None:
+            self._copy_data_dir(template, node.data_dir)
+            with (node.data_dir / "postgresql.conf").open("a") as f:
+                f.write("\n# veritas-resilience testing kit\n" + conf)
+            if node is not primary:
+                self._make_standby(node, primary)
+
+        with ThreadPoolExecutor(len(self._nodes)) as pool:
+            list(pool.map(prepare, self._nodes))
+            self._pg_ctl_start(primary)
+            self._primary = primary
+            list(pool.map(self._pg_ctl_start, self._nodes[1:]))
         for node in self._nodes[1:]:
             self.wait_streaming(node)
+
+    def _template(self, parent: Path) -> Path:
+        """A data directory fresh from ``initdb``, made once per process and copied per cluster."""
+        assert self._bindir is not None
+        key = (str(self._bindir), self._uid_gid, str(parent))
+        with _templates_lock:
+            template = _templates.get(key)
+            if template is not None and (template / "PG_VERSION").is_file():
+                return template
+            holder = Path(tempfile.mkdtemp(prefix="veritas-pg-template-", dir=parent))
+            try:
+                self._chown(holder)
+                template = holder / "data"
+                self._run_server_tool(
+                    "initdb", "-D", str(template), "-U", "postgres", "--auth=trust", "--no-sync",
+                    "--no-instructions", "-E", "UTF8", "--locale=C",
+                )  # fmt: skip
+            except BaseException:
+                shutil.rmtree(holder, ignore_errors=True)
+                raise
+            _templates[key] = template
+            return template
+
+    def _copy_data_dir(self, source: Path, target: Path) -> None:
+        shutil.copytree(source, target, symlinks=True)
+        if self._uid_gid is not None:
+            for root, dirs, files in os.walk(target):
+                os.chown(root, *self._uid_gid)
+                for name in (*dirs, *files):
+                    os.lchown(os.path.join(root, name), *self._uid_gid)
 
     def stop(self) -> None:
         """Kill every server (``-m immediate``) and delete the temporary folder.
 
         Safe to call more than once, and after a failed :meth:`start`. No server process is left
-        running: one that outlives ``pg_ctl stop`` is killed with SIGKILL.
+        running: one that does not stop within 10 s is killed with SIGKILL.
         """
         with self._lock:
-            for node in self._nodes:
-                if node.is_running:
-                    with contextlib.suppress(Exception):
-                        self._pg_ctl(node, "-m", "immediate", "-w", "-t", "10", "stop", check=False)
-                pid = node.pid
-                if pid is not None:  # pragma: no cover - pg_ctl failed
+            # Signal them all first, then wait: the servers shut down in parallel.
+            pids = [(node, node.pid) for node in self._nodes]
+            for _, pid in pids:
+                if pid is not None:
                     with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, signal.SIGQUIT)
+            for node, pid in pids:
+                if pid is not None:
+                    self._wait_exit(node, pid, timeout=10.0)
             if self._base is not None:
                 shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
@@ -467,7 +518,7 @@ class LocalPostgresCluster:
     # -- faults and operations -----------------------------------------------------------------
 
     def kill_primary(self) -> PostgresNode:
-        """Crash the current primary (``pg_ctl stop -m immediate``) and return it.
+        """Crash the current primary (SIGQUIT, as ``pg_ctl stop -m immediate``) and return it.
 
         The kit still takes it for the primary until :meth:`promote` names another one.
         """
@@ -477,7 +528,7 @@ class LocalPostgresCluster:
             return node
 
     def stop_node(self, node: PostgresNode, mode: StopMode = "fast", *, wait: bool = True) -> None:
-        """Stop one node with ``pg_ctl stop -m mode``.
+        """Stop one node the way ``pg_ctl stop -m mode`` does.
 
         Args:
             node: The node to stop.
@@ -490,10 +541,16 @@ class LocalPostgresCluster:
             RuntimeError: If the server does not stop within the timeout.
         """
         with self._lock:
-            if not node.is_running:
+            pid = node.pid
+            if pid is None:
                 return
-            flags = ["-w", "-t", str(int(self.timeout))] if wait else ["-W"]
-            self._pg_ctl(node, "-m", mode, *flags, "stop")
+            # What pg_ctl stop sends, without its 100 ms polling.
+            os.kill(pid, _STOP_SIGNALS[mode])
+            if wait and not self._wait_exit(node, pid, self.timeout, kill=False):
+                raise RuntimeError(
+                    f"{node.name} did not stop ({mode}) within {self.timeout} s\n"
+                    f"--- {node.name} log (tail) ---\n{self._log_tail(node)}"
+                )
 
     def start_node(self, node: PostgresNode) -> None:
         """Start a stopped node as it is: a standby if it has ``standby.signal``, else a primary.
@@ -508,7 +565,7 @@ class LocalPostgresCluster:
     def promote(self, node: PostgresNode) -> None:
         """Promote a standby and make it the kit's primary.
 
-        Runs ``pg_ctl promote -w``, waits until ``pg_is_in_recovery()`` is false, then runs a
+        Runs ``pg_ctl promote``, waits until ``pg_is_in_recovery()`` is false, then runs a
         ``CHECKPOINT`` so that ``pg_control_checkpoint().timeline_id`` shows the new timeline at
         once and ``pg_rewind`` can use the node as a source. A ``recovery_min_apply_delay`` set by
         :meth:`set_apply_delay` is removed (a primary has no use for it, and nodes cloned or
@@ -522,7 +579,7 @@ class LocalPostgresCluster:
         with self._lock:
             if not self.is_in_recovery(node):
                 raise RuntimeError(f"{node.name} is not a standby; cannot promote it")
-            self._pg_ctl(node, "-w", "-t", str(int(self.timeout)), "promote")
+            self._pg_ctl(node, "-W", "promote")  # then poll faster than pg_ctl's 100 ms
             self._wait(lambda: not self.is_in_recovery(node), f"{node.name} to leave recovery")
             self.query(node, "CHECKPOINT")
             if self._apply_delay.pop(node.name, None) is not None:
@@ -685,7 +742,8 @@ class LocalPostgresCluster:
             PostgresQueryError: If a statement fails or the node cannot be reached; it carries
                 the SQLSTATE (``"25006"`` for a write on a standby).
         """
-        assert self._bindir is not None, "the cluster is not started"
+        if self._bindir is None:
+            raise RuntimeError("the cluster is not started")
         psql = self._bindir / "psql"
         cmd = [
             str(psql if psql.is_file() else shutil.which("psql") or "psql"),
@@ -788,6 +846,26 @@ class LocalPostgresCluster:
         self._wait(replayed, f"{node.name} to replay up to {target}", timeout)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _wait_exit(self, node: PostgresNode, pid: int, timeout: float, kill: bool = True) -> bool:
+        """Wait until the postmaster ``pid`` has exited; SIGKILL it on timeout if ``kill``."""
+        deadline = time.monotonic() + timeout
+        while _process_alive(pid):
+            if time.monotonic() >= deadline:
+                if not kill:
+                    return False
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5.0
+                kill = False
+            time.sleep(0.005)
+        # A postmaster killed with SIGKILL leaves its pid file (and may leave children, which
+        # exit on their own when they notice it is gone).
+        with contextlib.suppress(OSError):
+            first = (node.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            if first.strip() == str(pid):
+                (node.data_dir / "postmaster.pid").unlink()
+        return True
 
     def _wait(self, done: Callable[[], bool], what: str, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)

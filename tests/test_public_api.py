@@ -1,0 +1,54 @@
+"""The public surface: __all__ lists exactly the public names, and the drivers stay unimported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import veritas_resilience
+import veritas_resilience.testing
+
+
+def _public_names(module: types.ModuleType) -> set[str]:
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and name not in {"annotations", "TYPE_CHECKING", "Any"}
+    }
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    """Every public name of the package is in __all__, and __all__ names only real objects."""
+    assert sorted(veritas_resilience.__all__) == veritas_resilience.__all__
+    assert set(veritas_resilience.__all__) == _public_names(veritas_resilience)
+
+
+def test_testing_all_lists_exactly_the_public_names() -> None:
+    """veritas_resilience.testing exports exactly its __all__ (the server kits load lazily)."""
+    module = veritas_resilience.testing
+    assert sorted(module.__all__) == module.__all__
+    for name in module.__all__:
+        assert getattr(module, name).__name__ == name
+    assert _public_names(module) == set(module.__all__)
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    """Each exported class and function is documented."""
+    for module in (veritas_resilience, veritas_resilience.testing):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj):
+                assert (obj.__doc__ or "").strip(), f"{module.__name__}.{name} has no docstring"
+
+
+def test_import_does_not_load_the_drivers() -> None:
+    """import veritas_resilience loads neither asyncpg nor redis."""
+    code = (
+        "import sys, veritas_resilience, veritas_resilience.testing; "
+        "print(sorted(m for m in ('asyncpg', 'redis') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

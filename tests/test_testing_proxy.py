@@ -1,0 +1,337 @@
+"""FaultProxy: forwarding and runtime faults (delay, freeze, cut, reset, blackhole, lost COMMIT)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from veritas_resilience.testing._postgres import LocalPostgresCluster, PostgresClusterFactory
+from veritas_resilience.testing._proxy import FaultProxy, FaultProxyFactory
+
+# Until the pytest plugin exports them, the fixtures come from their module.
+from veritas_resilience.testing._pytest_postgres import (  # noqa: F401
+    fault_proxy_factory,
+    pg_cluster_factory,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """asyncpg runs on asyncio only; the proxy itself runs on its own loop in its own thread."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:  # noqa: F811
+    """A lone PostgreSQL primary to proxy to."""
+    return pg_cluster_factory(standbys=0)
+
+
+class Echo:
+    """An echo server on the test's loop that prefixes each answer and counts its clients."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while data := await reader.read(65536):
+                writer.write(self.prefix + data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Callable[[bytes], Awaitable[tuple[Echo, int]]]]:
+    """Start echo servers on 127.0.0.1; all are closed after the test."""
+    servers: list[tuple[asyncio.Server, Echo]] = []
+
+    async def start(prefix: bytes = b"") -> tuple[Echo, int]:
+        state = Echo(prefix)
+        server = await asyncio.start_server(state.handle, "127.0.0.1", 0)
+        servers.append((server, state))
+        return state, server.sockets[0].getsockname()[1]
+
+    yield start
+    for server, state in servers:
+        server.close()
+        for writer in state.writers:
+            writer.close()
+        await server.wait_closed()
+
+
+async def roundtrip(
+    proxy: FaultProxy, payload: bytes = b"ping", timeout: float = 5.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Connect through the proxy, send ``payload`` and return what came back."""
+    reader, writer = await asyncio.open_connection(*proxy.address)
+    writer.write(payload)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), timeout)
+    return reader, writer, answer
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_forwards_both_ways_and_counts(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """Bytes go to the server and back; the counters see the connection and the bytes."""
+    _, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    assert proxy.address == (proxy.host, proxy.port)
+    assert proxy.host == "127.0.0.1"
+    _, writer, answer = await roundtrip(proxy, b"hello")
+    assert answer == b"hello"
+    assert proxy.connections_total == 1
+    assert proxy.active_connections == 1
+    assert proxy.bytes_to_server == 5
+    assert proxy.bytes_to_client == 5
+    writer.close()
+    await wait_until(lambda: proxy.active_connections == 0)
+
+
+@pytest.mark.anyio
+async def test_delay_adds_latency(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """delay(d) adds at least d per direction; heal() removes it."""
+    _, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    proxy.delay(0.2)
+    started = time.monotonic()
+    *_, answer = await roundtrip(proxy)
+    assert answer == b"ping"
+    assert time.monotonic() - started >= 0.4
+    proxy.delay(0.3, direction="to_client")
+    proxy.delay(0, direction="to_server")
+    started = time.monotonic()
+    await roundtrip(proxy)
+    assert time.monotonic() - started >= 0.3
+    proxy.heal()
+    started = time.monotonic()
+    await roundtrip(proxy)
+    assert time.monotonic() - started < 0.3
+    with pytest.raises(ValueError, match="seconds"):
+        proxy.delay(-1)
+
+
+@pytest.mark.anyio
+async def test_freeze_holds_bytes_without_closing(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """While frozen, reads on open and new connections hang; unfreeze() delivers everything."""
+    _, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    reader, writer, _ = await roundtrip(proxy)
+    proxy.freeze()
+    writer.write(b"held")
+    new_reader, new_writer = await asyncio.open_connection(*proxy.address)
+    new_writer.write(b"new")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(reader.read(65536), 0.3)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(new_reader.read(65536), 0.1)
+    assert proxy.active_connections == 2
+    proxy.unfreeze()
+    assert await asyncio.wait_for(reader.read(65536), 5) == b"held"
+    assert await asyncio.wait_for(new_reader.read(65536), 5) == b"new"
+
+
+@pytest.mark.anyio
+async def test_cut_closes_open_connections(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """cut() closes every open connection; new ones still work."""
+    _, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    reader, *_ = await roundtrip(proxy)
+    other, *_ = await roundtrip(proxy)
+    proxy.cut()
+    assert await asyncio.wait_for(reader.read(65536), 5) == b""
+    assert await asyncio.wait_for(other.read(65536), 5) == b""
+    await wait_until(lambda: proxy.active_connections == 0)
+    *_, answer = await roundtrip(proxy)
+    assert answer == b"ping"
+
+
+@pytest.mark.anyio
+async def test_reset_aborts_with_rst(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """reset() aborts open connections: the client gets ECONNRESET, not a clean EOF."""
+    _, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    reader, *_ = await roundtrip(proxy)
+    proxy.reset()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(65536), 5)
+
+
+@pytest.mark.anyio
+async def test_blackhole_accepts_but_never_answers(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """A blackholed proxy completes the handshake but never reaches the server nor answers."""
+    server, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    proxy.blackhole()
+    reader, writer = await asyncio.open_connection(*proxy.address)
+    writer.write(b"anyone?")
+    await writer.drain()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(reader.read(65536), 0.3)
+    assert server.connections == 0
+    assert proxy.connections_total == 1
+    proxy.heal()
+    *_, answer = await roundtrip(proxy)
+    assert answer == b"ping"
+    assert server.connections == 1
+    proxy.cut()  # blackholed connections stay open until cut
+    assert await asyncio.wait_for(reader.read(65536), 5) == b""
+
+
+@pytest.mark.anyio
+async def test_refuse_stops_listening_until_heal(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """refuse() makes connects fail with ECONNREFUSED; heal() listens again on the same port."""
+    _, port = await echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(*proxy.address)
+    proxy.heal()
+    *_, answer = await roundtrip(proxy)
+    assert answer == b"ping"
+
+
+@pytest.mark.anyio
+async def test_retarget_moves_new_connections(
+    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """After retarget(), new connections reach the new server; open ones keep the old one."""
+    _, port_a = await echo(b"a:")
+    _, port_b = await echo(b"b:")
+    proxy = fault_proxy_factory("127.0.0.1", port_a)
+    reader, writer, answer = await roundtrip(proxy, b"1")
+    assert answer == b"a:1"
+    proxy.retarget("127.0.0.1", port_b)
+    assert proxy.target == ("127.0.0.1", port_b)
+    *_, answer = await roundtrip(proxy, b"2")
+    assert answer == b"b:2"
+    writer.write(b"3")
+    assert await asyncio.wait_for(reader.read(65536), 5) == b"a:3"
+
+
+@pytest.mark.anyio
+async def test_unreachable_target_resets_the_client(
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """When the server refuses, the client's connection is reset as if it had been refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+        proxy = fault_proxy_factory("127.0.0.1", sock.getsockname()[1])
+
+        async def connect_and_read() -> bytes:
+            reader, _ = await asyncio.open_connection(*proxy.address)
+            return await asyncio.wait_for(reader.read(65536), 5)
+
+        with pytest.raises(ConnectionResetError):  # the RST may even beat the connect's end
+            await connect_and_read()
+
+
+@pytest.mark.anyio
+async def test_cut_after_commit_loses_the_reply_not_the_commit(
+    cluster: LocalPostgresCluster,
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """The server commits, but the client only sees its connection die: an unknown outcome."""
+    primary = cluster.primary
+    cluster.query(primary, "CREATE TABLE IF NOT EXISTS ledger (id int PRIMARY KEY)")
+    proxy = fault_proxy_factory(primary.host, primary.port)
+    conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres")
+    try:
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO ledger VALUES (1)")
+        proxy.cut_after_client_message(b"COMMIT")
+        with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
+            await conn.execute("COMMIT")
+    finally:
+        conn.terminate()
+    assert proxy.triggers_fired == 1
+    assert cluster.query(primary, "SELECT count(*) FROM ledger WHERE id = 1") == "1"
+    # The trigger fired once; the next COMMIT goes through.
+    conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres")
+    try:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO ledger VALUES (2)")
+    finally:
+        await conn.close()
+    assert proxy.triggers_fired == 1
+
+
+@pytest.mark.anyio
+async def test_freeze_hangs_a_postgres_query(
+    cluster: LocalPostgresCluster,
+    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+) -> None:
+    """A frozen link makes an asyncpg query hang (only its own timeout ends it)."""
+    primary = cluster.primary
+    proxy = fault_proxy_factory(primary.host, primary.port)
+    conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres")
+    try:
+        proxy.freeze()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), 0.3)
+    finally:
+        conn.terminate()
+
+
+def test_works_from_sync_code_and_leaves_no_thread(cluster: LocalPostgresCluster) -> None:
+    """Without any event loop, the proxy forwards; close() ends its thread and its sockets."""
+    primary = cluster.primary
+    threads_before = set(threading.enumerate())
+    with FaultProxy(primary.host, primary.port) as proxy:
+        assert any(t.name.startswith("FaultProxy") for t in threading.enumerate())
+        with socket.create_connection(proxy.address, timeout=5) as sock:
+            sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest: the server answers N or S
+            assert sock.recv(1) in (b"N", b"S")
+            other = socket.create_connection(proxy.address, timeout=5)
+    assert set(threading.enumerate()) <= threads_before
+    assert other.recv(1) == b""  # closed by close()
+    other.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proxy.address, timeout=5).close()
+    with pytest.raises(RuntimeError, match="closed"):
+        proxy.freeze()
+    proxy.close()  # idempotent

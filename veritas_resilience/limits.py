@@ -1,0 +1,555 @@
+"""Timeouts and bulkheads: bound how long a call may take, and how many may run at once.
+
+:class:`Timeout` gives up on a call after a fixed number of seconds and raises
+:class:`~veritas_resilience.ResilienceTimeoutError`, which is also a built-in ``TimeoutError``. It
+converts only its *own* expiry: when an outer cancel scope, an ``asyncio`` task cancel or
+``fail_after`` cancels the call, the cancellation passes through untouched.
+
+:class:`Bulkhead` lets at most ``max_concurrent`` calls run at once, keeps up to ``max_queue``
+more waiting for a slot, and rejects the rest at once with
+:class:`~veritas_resilience.BulkheadFullError`.
+
+Both give back what they hold (a deadline, a slot) when the call is cancelled, and both work under
+asyncio and trio. Timeouts run on the event loop's clock, not on an injected
+:class:`~veritas_resilience.Clock`: a deadline must be enforced by the loop that can interrupt the
+call, so test them with short real timeouts on calls that never finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import sys
+import threading
+import time
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
+
+import anyio
+
+from . import _hooks
+from .circuit_breaker import Seconds, _positive_int, _seconds
+from .errors import BulkheadFullError, ResilienceTimeoutError
+from .events import Event, Hook
+from .instrumentation.prometheus import HistogramValue, define_metric
+
+if TYPE_CHECKING:
+    import trio
+
+__all__ = ["Bulkhead", "BulkheadRejected", "Timeout", "TimeoutExpired"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+define_metric(
+    "veritas_timeout", "counter", "Calls given up by a timeout policy when it expired.", ("name",)
+)
+define_metric(
+    "veritas_bulkhead_rejected",
+    "counter",
+    "Calls a bulkhead rejected because its slots and wait queue were full (or the wait timed out).",
+    ("name",),
+)
+define_metric(
+    "veritas_bulkhead_in_use", "gauge", "Slots of a bulkhead taken by running calls.", ("name",)
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutExpired(Event):
+    """A timeout policy gave up on a call.
+
+    Attributes:
+        timeout: The limit, in seconds.
+    """
+
+    kind: ClassVar[str] = "timeout"
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadRejected(Event):
+    """A bulkhead rejected a call: no free slot and no room in its queue, or the wait timed out.
+
+    Attributes:
+        max_concurrent: The bulkhead's concurrency limit.
+        queued: Calls waiting for a slot when this one was rejected.
+    """
+
+    kind: ClassVar[str] = "bulkhead"
+    max_concurrent: int
+    queued: int
+
+
+# -- timeout ------------------------------------------------------------------------------------
+
+_get_running_loop = asyncio._get_running_loop
+_current_task = asyncio.current_task
+_CancelledError = asyncio.CancelledError
+_HAS_UNCANCEL = sys.version_info >= (3, 11)
+_ACTIVE, _DONE, _EXPIRED = 0, 1, 2
+_timeout_names = itertools.count(1)
+_trio: types.ModuleType | None = None
+
+
+class _Deadline:
+    """One call under a timeout on asyncio: when it expires, its task, and whether it ended."""
+
+    __slots__ = ("at", "cancelling", "state", "task")
+
+    def __init__(self, at: float, task: asyncio.Task[Any], cancelling: int) -> None:
+        self.at = at
+        self.task = task
+        self.cancelling = cancelling
+        self.state = _ACTIVE
+
+
+class _LoopDeadlines:
+    """The deadlines of one :class:`Timeout` on one asyncio loop, served by a single timer.
+
+    ``asyncio.timeout`` and anyio's ``fail_after`` schedule and cancel a timer handle per call,
+    which costs several microseconds. All calls under one policy share one duration, so their
+    deadlines arrive in the order the calls started: a FIFO queue is also a deadline-ordered
+    queue. One timer waits for the head; a call that ends only marks its entry, and finished
+    entries are dropped from the head (or, if a slow call holds the head, by compaction).
+    """
+
+    __slots__ = ("_active", "_entries", "_handle", "_loop", "_now", "_policy", "_seconds")
+
+    def __init__(self, policy: Timeout, loop: asyncio.AbstractEventLoop) -> None:
+        self._policy = policy
+        self._loop = loop
+        self._seconds = policy.seconds
+        # The default loops read time.monotonic(); calling it directly saves a method frame.
+        is_default = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
+        self._now: Callable[[], float] = time.monotonic if is_default else loop.time
+        self._entries: deque[_Deadline] = deque()
+        self._handle: asyncio.TimerHandle | None = None
+        self._active = 0
+
+    def add(self, task: asyncio.Task[Any]) -> _Deadline:
+        entry = _Deadline(
+            self._now() + self._seconds, task, task.cancelling() if _HAS_UNCANCEL else 0
+        )
+        self._entries.append(entry)
+        self._active += 1
+        if self._handle is None:
+            self._handle = self._loop.call_at(entry.at, self._fire)
+        return entry
+
+    def finish(self, entry: _Deadline) -> bool:
+        """Mark ``entry`` ended; return whether it had expired (its task was cancelled by us)."""
+        if entry.state == _EXPIRED:
+            return True
+        entry.state = _DONE
+        self._active -= 1
+        entries = self._entries
+        if entries[0] is entry:
+            entries.popleft()
+            while entries and entries[0].state:
+                entries.popleft()
+        elif len(entries) > 2 * self._active + 64:
+            self._entries = deque(e for e in entries if not e.state)
+        return False
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = self._now()
+        entries = self._entries
+        expired = 0
+        while entries:
+            entry = entries[0]
+            if entry.state:
+                entries.popleft()
+            elif entry.at <= now:
+                entries.popleft()
+                entry.state = _EXPIRED
+                self._active -= 1
+                expired += 1
+                entry.task.cancel(f"veritas timeout {self._policy.name!r} expired")
+            else:
+                self._handle = self._loop.call_at(entry.at, self._fire)
+                break
+        if expired:
+            self._policy._record_expired(expired)
+
+
+def _trio_scope(seconds: float) -> trio.CancelScope:
+    """A trio cancel scope whose deadline is ``seconds`` from now (trio imported on first use)."""
+    global _trio
+    if _trio is None:
+        import trio as _trio_mod
+
+        _trio = _trio_mod
+    return _trio.CancelScope(deadline=_trio.current_time() + seconds)  # type: ignore[no-any-return]
+
+
+class Timeout(_hooks.Instrumented):
+    """Give up on a call that takes longer than ``seconds``.
+
+    Use it as a decorator or as ``await timeout.call(fn, ...)``::
+
+        @Timeout(2.0, name="orders-db")
+        async def load_order(order_id: int) -> Order: ...
+
+        try:
+            order = await load_order(42)
+        except TimeoutError:  # a ResilienceTimeoutError
+            ...
+
+    The call is cancelled when the time is up, and the cancellation is turned into
+    :class:`~veritas_resilience.ResilienceTimeoutError` only if this policy caused it; any other
+    cancellation (an outer scope, a cancelled task) propagates unchanged, so a breaker or a
+    fallback around the timeout sees a timeout as a failure and a cancellation as neither.
+
+    On asyncio a deadline costs well under a microsecond (one shared timer per policy and loop,
+    see ``benchmarks/RESULTS.md``); on trio it is a native ``trio.CancelScope``. Deadlines follow
+    the event loop's clock.
+
+    Args:
+        seconds: The limit (> 0), a float or a ``timedelta``.
+        name: Used in errors, events and metric labels; ``timeout-N`` by default.
+        hooks: Hooks for this policy only; the process-wide defaults when None.
+
+    Raises:
+        ValueError: If ``seconds`` is not a finite number > 0, or ``name`` is empty.
+    """
+
+    def __init__(
+        self, seconds: Seconds, *, name: str | None = None, hooks: Sequence[Hook] | None = None
+    ) -> None:
+        self._seconds = _seconds(seconds, "seconds")
+        self._name = _name(name, "timeout", _timeout_names)
+        self._n_expired = 0
+        # (loop, deadlines) of the last loop used: one identity check on the hot path. A tuple
+        # is replaced atomically, so threads running their own loops cannot mix them up.
+        self._cache: tuple[object, _LoopDeadlines | None] = (None, None)
+        self._per_loop: dict[asyncio.AbstractEventLoop, _LoopDeadlines] = {}
+        self._lock = threading.Lock()
+        self._init_hooks(hooks)
+
+    @property
+    def name(self) -> str:
+        """The policy's name."""
+        return self._name
+
+    @property
+    def seconds(self) -> float:
+        """The limit, in seconds."""
+        return self._seconds
+
+    @property
+    def expired(self) -> int:
+        """How many calls this policy has given up on."""
+        return self._n_expired
+
+    def __repr__(self) -> str:
+        return f"<Timeout {self._name!r} {self._seconds:g}s>"
+
+    def _on_hooks_changed(self) -> None:
+        self._w_expired = self._hookset.wants(TimeoutExpired)
+
+    def _deadlines(self, loop: asyncio.AbstractEventLoop) -> _LoopDeadlines:
+        with self._lock:
+            deadlines = self._per_loop.get(loop)
+            if deadlines is None:
+                # Forget loops that have been closed (each asyncio.run() makes a new one).
+                for old in [lp for lp in self._per_loop if lp.is_closed()]:
+                    del self._per_loop[old]
+                deadlines = self._per_loop[loop] = _LoopDeadlines(self, loop)
+        self._cache = (loop, deadlines)
+        return deadlines
+
+    def _record_expired(self, count: int = 1) -> None:
+        self._n_expired += count
+        if self._w_expired:
+            for _ in range(count):
+                self._emit(TimeoutExpired(name=self._name, timeout=self._seconds))
+
+    def _timeout_error(self) -> ResilienceTimeoutError:
+        return ResilienceTimeoutError(self._name, self._seconds)
+
+    async def _call_other(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        """Outside asyncio (trio): a native cancel scope with our deadline."""
+        with _trio_scope(self._seconds):
+            return await fn(*args, **kwargs)
+        # Reached only when the scope swallowed its own cancellation: our deadline expired. An
+        # outer cancellation is never swallowed by an inner scope in trio.
+        self._record_expired()
+        raise self._timeout_error()
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` under the timeout.
+
+        Raises:
+            ResilienceTimeoutError: If the call did not finish within ``seconds``.
+        """
+        # Keep in step with the wrapper built in __call__, which inlines the same code.
+        loop = _get_running_loop()
+        if loop is None:
+            return await self._call_other(fn, args, kwargs)
+        cached_loop, deadlines = self._cache
+        if cached_loop is not loop or deadlines is None:
+            deadlines = self._deadlines(loop)
+        task = _current_task(loop)
+        if task is None:
+            raise RuntimeError("a Timeout must be awaited inside an asyncio task")
+        entry = deadlines.add(task)
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            if deadlines.finish(entry):
+                self._expired_with(task, entry, exc)
+            raise
+        if deadlines.finish(entry) and _HAS_UNCANCEL:
+            task.uncancel()  # the call swallowed our cancellation and returned anyway
+        return result
+
+    def _expired_with(self, task: asyncio.Task[Any], entry: _Deadline, exc: BaseException) -> None:
+        """Our deadline cancelled ``task`` and the call ended with ``exc``: convert it if ours.
+
+        As in ``asyncio.timeout``: only when no other cancellation was requested meanwhile (the
+        task's cancel count is back to what it was on entry) is the CancelledError ours.
+        """
+        pending = task.uncancel() if _HAS_UNCANCEL else 0
+        if isinstance(exc, _CancelledError) and pending <= entry.cancelling:
+            raise self._timeout_error() from None
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an ``async def`` function so every call runs under the timeout."""
+        _require_async(fn, "Timeout")
+        policy = self
+        call_other = self._call_other
+        expired_with = self._expired_with
+
+        # The body of call(), inlined: one coroutine frame less.
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            loop = _get_running_loop()
+            if loop is None:
+                return await call_other(fn, args, kwargs)
+            cached_loop, deadlines = policy._cache
+            if cached_loop is not loop or deadlines is None:
+                deadlines = policy._deadlines(loop)
+            task = _current_task(loop)
+            if task is None:
+                raise RuntimeError("a Timeout must be awaited inside an asyncio task")
+            entry = deadlines.add(task)
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                if deadlines.finish(entry):
+                    expired_with(task, entry, exc)
+                raise
+            if deadlines.finish(entry) and _HAS_UNCANCEL:
+                task.uncancel()
+            return result
+
+        wrapper.timeout = self  # type: ignore[attr-defined]
+        return wrapper
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        yield "veritas_timeout", (self._name,), float(self._n_expired)
+
+
+# -- bulkhead -----------------------------------------------------------------------------------
+
+_bulkhead_names = itertools.count(1)
+
+
+class Bulkhead(_hooks.Instrumented):
+    """Let at most ``max_concurrent`` calls run at once; queue a few more, reject the rest fast.
+
+    A dependency that slows down makes calls pile up; a bulkhead caps how many of your tasks it
+    can hold, so the rest of the service keeps its connections, memory and workers::
+
+        reports = Bulkhead(10, max_queue=20, queue_timeout=1.0, name="reports-api")
+
+        @reports
+        async def render(report_id: int) -> bytes: ...
+
+    A call takes a free slot at once if there is one. Otherwise it waits in a FIFO queue of at
+    most ``max_queue`` calls, for at most ``queue_timeout`` seconds; when the queue is full or the
+    wait times out it raises :class:`~veritas_resilience.BulkheadFullError`. A slot is given back
+    when the call ends in any way, cancellation included, and a queued call that is cancelled
+    leaves the queue (or passes on the slot it was just handed).
+
+    A bulkhead belongs to one event loop (asyncio or trio); its counters are not locked.
+
+    Args:
+        max_concurrent: Calls (>= 1) allowed to run at once.
+        max_queue: Calls (>= 0) allowed to wait for a slot; 0 rejects at once when full.
+        queue_timeout: Seconds (> 0) a queued call waits before it is rejected; None waits until
+            a slot frees up or the caller is cancelled. Measured on the event loop's clock.
+        name: Used in errors, events and metric labels; ``bulkhead-N`` by default.
+        hooks: Hooks for this bulkhead only; the process-wide defaults when None.
+
+    Raises:
+        ValueError: If a setting is outside its allowed range (the message names it).
+    """
+
+    def __init__(
+        self,
+        max_concurrent: int,
+        *,
+        max_queue: int = 0,
+        queue_timeout: Seconds | None = None,
+        name: str | None = None,
+        hooks: Sequence[Hook] | None = None,
+    ) -> None:
+        self._max = _positive_int(max_concurrent, "max_concurrent")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int):
+            raise TypeError(f"max_queue must be an int >= 0, got {max_queue!r}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue!r}")
+        self._max_queue = max_queue
+        self._queue_timeout = (
+            None if queue_timeout is None else _seconds(queue_timeout, "queue_timeout")
+        )
+        self._name = _name(name, "bulkhead", _bulkhead_names)
+        self._in_use = 0
+        self._waiters: deque[anyio.Event] = deque()
+        self._n_rejected = 0
+        self._init_hooks(hooks)
+
+    @property
+    def name(self) -> str:
+        """The bulkhead's name."""
+        return self._name
+
+    @property
+    def max_concurrent(self) -> int:
+        """The concurrency limit."""
+        return self._max
+
+    @property
+    def in_use(self) -> int:
+        """Slots taken by running calls now."""
+        return self._in_use
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot now."""
+        return len(self._waiters)
+
+    @property
+    def rejected(self) -> int:
+        """Calls rejected since creation."""
+        return self._n_rejected
+
+    def __repr__(self) -> str:
+        return (
+            f"<Bulkhead {self._name!r} {self._in_use}/{self._max} in use, "
+            f"{len(self._waiters)}/{self._max_queue} queued>"
+        )
+
+    def _on_hooks_changed(self) -> None:
+        self._w_rejected = self._hookset.wants(BulkheadRejected)
+
+    def _reject(self) -> BulkheadFullError:
+        self._n_rejected += 1
+        if self._w_rejected:
+            self._emit(
+                BulkheadRejected(
+                    name=self._name, max_concurrent=self._max, queued=len(self._waiters)
+                )
+            )
+        return BulkheadFullError(self._name, self._max)
+
+    async def _wait_for_slot(self) -> None:
+        """Queue for a slot; return owning one, or raise BulkheadFullError."""
+        if len(self._waiters) >= self._max_queue:
+            raise self._reject()
+        waiter = anyio.Event()
+        self._waiters.append(waiter)
+        try:
+            if self._queue_timeout is None:
+                await waiter.wait()
+            else:
+                with anyio.move_on_after(self._queue_timeout):
+                    await waiter.wait()
+        except BaseException:
+            # Cancelled while queued. If a releaser handed us its slot in the meantime, pass it
+            # on; otherwise just leave the queue.
+            if waiter.is_set():
+                self._release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+        if not waiter.is_set():
+            self._waiters.remove(waiter)
+            raise self._reject()
+        # The releaser kept _in_use as it was: its slot is now ours.
+
+    def _release(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            waiters.popleft().set()
+        else:
+            self._in_use -= 1
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` in a slot of the bulkhead.
+
+        Raises:
+            BulkheadFullError: If no slot frees up and the wait queue is full, or the wait
+                timed out; ``fn`` is not called.
+        """
+        if self._in_use < self._max and not self._waiters:
+            self._in_use += 1
+        else:
+            await self._wait_for_slot()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            self._release()
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an ``async def`` function so every call runs in a slot of the bulkhead."""
+        _require_async(fn, "Bulkhead")
+        bulkhead = self
+        wait_for_slot, release = self._wait_for_slot, self._release
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            if bulkhead._in_use < bulkhead._max and not bulkhead._waiters:
+                bulkhead._in_use += 1
+            else:
+                await wait_for_slot()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                release()
+
+        wrapper.bulkhead = self  # type: ignore[attr-defined]
+        return wrapper
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        yield "veritas_bulkhead_rejected", (self._name,), float(self._n_rejected)
+        yield "veritas_bulkhead_in_use", (self._name,), float(self._in_use)
+
+
+# -- helpers shared by the policy modules --------------------------------------------------------
+
+
+def _name(name: str | None, kind: str, counter: Iterator[int]) -> str:
+    if name is None:
+        return f"{kind}-{next(counter)}"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _require_async(fn: Callable[..., Any], policy: str) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{policy} decorates async functions (async def); got {fn!r}. "
+            "Wrap sync code with anyio.to_thread.run_sync in an async function first."
+        )
