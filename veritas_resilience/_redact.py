@@ -14,6 +14,11 @@ _KV_PASSWORD = re.compile(
     r"(?P<pw>'[^']*'|\"[^\"]*\"|[^\s,;&)}]*)",
     re.IGNORECASE,
 )
+# Redis config lines and commands: "requirepass s3cret", "sentinel auth-pass mymaster s3cret"
+_CONF_PASSWORD = re.compile(
+    r"(?P<key>\b(?:requirepass|masterauth)\s+|\bauth-pass\s+\S+\s+)(?P<pw>[^\s'\"]+)",
+    re.IGNORECASE,
+)
 
 
 def redact(text: str) -> str:
@@ -26,6 +31,7 @@ def redact(text: str) -> str:
         'host=db1 password=*** user=app'
     """
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}***@", text)
+    text = _CONF_PASSWORD.sub(lambda m: f"{m['key']}***", text)
     return _KV_PASSWORD.sub(_mask_value, text)
 
 

@@ -1,0 +1,73 @@
+"""The structlog hook: state changes and failures are logged, successes never, secrets never."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from veritas_resilience import CircuitBreaker, CircuitOpenError, StructlogHook, redact
+from veritas_resilience.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_logs_state_changes_and_failures_but_not_successes(clock: FakeClock) -> None:
+    """One line per failure and per state change; none for successes or rejections."""
+    breaker = CircuitBreaker(
+        name="db",
+        failure_threshold=2,
+        reset_timeout=5,
+        clock=clock,
+        hooks=[StructlogHook(structlog.get_logger("test"))],
+    )
+
+    async def ok() -> int:
+        return 1
+
+    async def down() -> int:
+        raise ConnectionError("could not connect to postgresql://app:hunter2@db1:5432/app")
+
+    with capture_logs() as logs:
+        for _ in range(20):
+            await breaker.call(ok)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await breaker.call(down)
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(ok)
+        clock.advance(5)
+        await breaker.call(ok)
+    events = [(line["event"], line["log_level"]) for line in logs]
+    assert events == [
+        ("circuit_breaker_call_failed", "warning"),
+        ("circuit_breaker_call_failed", "warning"),
+        ("circuit_breaker_state_changed", "warning"),
+        ("circuit_breaker_state_changed", "info"),
+        ("circuit_breaker_state_changed", "info"),
+    ]
+    failed = logs[0]
+    assert failed["breaker"] == "db"
+    assert failed["error_type"] == "ConnectionError"
+    assert "hunter2" not in str(logs)
+    assert "app:***@db1" in failed["error"]
+    opened = logs[2]
+    assert (opened["from_state"], opened["to_state"], opened["open_for"]) == ("closed", "open", 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://app:s3cret@db1:5432/app", "postgresql://app:***@db1:5432/app"),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("host=db1 password=s3cret user=app", "host=db1 password=*** user=app"),
+        ("{'password': 'two words'}", "{'password': '***'}"),
+        ("postgresql://app@db1/app", "postgresql://app@db1/app"),
+        ("requirepass s3cret", "requirepass ***"),
+        ("sentinel auth-pass mymaster s3cret", "sentinel auth-pass mymaster ***"),
+        ("masterauth=s3cret", "masterauth=***"),
+    ],
+)
+def test_redact(text: str, expected: str) -> None:
+    """Passwords in URLs, DSNs and key=value text are replaced; the rest is kept."""
+    assert redact(text) == expected
