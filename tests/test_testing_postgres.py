@@ -15,15 +15,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from veritas_resilience.testing._ports import free_port
-from veritas_resilience.testing._postgres import (
+from veritas_resilience.testing import (
     LocalPostgresCluster,
     PostgresClusterFactory,
     PostgresQueryError,
+    free_port,
 )
-
-# Until the pytest plugin exports them, the fixtures come from their module.
-from veritas_resilience.testing._pytest_postgres import pg_cluster_factory  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +32,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:  # noqa: F811
+def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:
     """One primary and one standby, shared by the tests that leave the topology alone."""
     return pg_cluster_factory(standbys=1)
 
@@ -182,7 +179,7 @@ def test_alter_system_makes_a_read_only_primary(cluster: LocalPostgresCluster) -
 
 @pytest.mark.anyio
 async def test_smart_shutdown_refuses_new_sessions(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """A smart shutdown with a session held open answers new connections with 57P03."""
     cluster = pg_cluster_factory(standbys=0)
@@ -210,7 +207,7 @@ async def test_smart_shutdown_refuses_new_sessions(
 
 
 def test_synchronous_standby_acknowledges_commits(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """With synchronous=True the primary counts the standby, by its application_name, as sync."""
     sync = pg_cluster_factory(standbys=1, synchronous=True)
@@ -220,7 +217,7 @@ def test_synchronous_standby_acknowledges_commits(
     sync.stop()
 
 
-def test_failover_follow_and_rewind(pg_cluster_factory: PostgresClusterFactory) -> None:  # noqa: F811
+def test_failover_follow_and_rewind(pg_cluster_factory: PostgresClusterFactory) -> None:
     """Crash + promote moves writes to timeline 2; the others follow or are rewound as standbys."""
     cluster = pg_cluster_factory(standbys=2)
     n1, n2, n3 = cluster.nodes
@@ -264,7 +261,7 @@ def test_failover_follow_and_rewind(pg_cluster_factory: PostgresClusterFactory) 
 
 
 def test_restart_as_primary_makes_a_split_brain(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """The old primary restarted without standby.signal takes writes on timeline 1 until rewound."""
     cluster = pg_cluster_factory(standbys=1)

@@ -7,18 +7,16 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
 
-from veritas_resilience.testing._postgres import LocalPostgresCluster, PostgresClusterFactory
-from veritas_resilience.testing._proxy import FaultProxy, FaultProxyFactory
-
-# Until the pytest plugin exports them, the fixtures come from their module.
-from veritas_resilience.testing._pytest_postgres import (  # noqa: F401
-    fault_proxy_factory,
-    pg_cluster_factory,
+from veritas_resilience.testing import (
+    FaultProxy,
+    FaultProxyFactory,
+    LocalPostgresCluster,
+    PostgresClusterFactory,
 )
 
 
@@ -29,7 +27,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:  # noqa: F811
+def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:
     """A lone PostgreSQL primary to proxy to."""
     return pg_cluster_factory(standbys=0)
 
@@ -55,34 +53,53 @@ class Echo:
             writer.close()
 
 
-@pytest.fixture
-async def echo() -> AsyncIterator[Callable[[bytes], Awaitable[tuple[Echo, int]]]]:
-    """Start echo servers on 127.0.0.1; all are closed after the test."""
-    servers: list[tuple[asyncio.Server, Echo]] = []
+class Net:
+    """The echo servers and client connections of one test, all closed when it ends."""
 
-    async def start(prefix: bytes = b"") -> tuple[Echo, int]:
+    def __init__(self) -> None:
+        self.servers: list[tuple[asyncio.Server, Echo]] = []
+        self.clients: list[asyncio.StreamWriter] = []
+
+    async def echo(self, prefix: bytes = b"") -> tuple[Echo, int]:
+        """Start an echo server on 127.0.0.1; return it and its port."""
         state = Echo(prefix)
         server = await asyncio.start_server(state.handle, "127.0.0.1", 0)
-        servers.append((server, state))
+        self.servers.append((server, state))
         return state, server.sockets[0].getsockname()[1]
 
-    yield start
-    for server, state in servers:
-        server.close()
-        for writer in state.writers:
+    async def connect(self, proxy: FaultProxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a client connection through the proxy."""
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        self.clients.append(writer)
+        return reader, writer
+
+    async def roundtrip(
+        self, proxy: FaultProxy, payload: bytes = b"ping", timeout: float = 5.0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """Connect through the proxy, send ``payload`` and return what came back."""
+        reader, writer = await self.connect(proxy)
+        writer.write(payload)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), timeout)
+        return reader, writer, answer
+
+    async def aclose(self) -> None:
+        for writer in self.clients:
             writer.close()
-        await server.wait_closed()
+        for server, state in self.servers:
+            server.close()
+            for writer in state.writers:
+                writer.close()
+            await server.wait_closed()
+        await asyncio.sleep(0)  # let the transports finish closing
 
 
-async def roundtrip(
-    proxy: FaultProxy, payload: bytes = b"ping", timeout: float = 5.0
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-    """Connect through the proxy, send ``payload`` and return what came back."""
-    reader, writer = await asyncio.open_connection(*proxy.address)
-    writer.write(payload)
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(65536), timeout)
-    return reader, writer, answer
+@pytest.fixture
+async def net() -> AsyncIterator[Net]:
+    """Echo servers and clients for one test."""
+    n = Net()
+    yield n
+    await n.aclose()
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -95,15 +112,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 @pytest.mark.anyio
 async def test_forwards_both_ways_and_counts(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """Bytes go to the server and back; the counters see the connection and the bytes."""
-    _, port = await echo(b"")
+    _, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
     assert proxy.address == (proxy.host, proxy.port)
     assert proxy.host == "127.0.0.1"
-    _, writer, answer = await roundtrip(proxy, b"hello")
+    _, writer, answer = await net.roundtrip(proxy, b"hello")
     assert answer == b"hello"
     assert proxy.connections_total == 1
     assert proxy.active_connections == 1
@@ -115,25 +132,25 @@ async def test_forwards_both_ways_and_counts(
 
 @pytest.mark.anyio
 async def test_delay_adds_latency(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """delay(d) adds at least d per direction; heal() removes it."""
-    _, port = await echo(b"")
+    _, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
     proxy.delay(0.2)
     started = time.monotonic()
-    *_, answer = await roundtrip(proxy)
+    *_, answer = await net.roundtrip(proxy)
     assert answer == b"ping"
     assert time.monotonic() - started >= 0.4
     proxy.delay(0.3, direction="to_client")
     proxy.delay(0, direction="to_server")
     started = time.monotonic()
-    await roundtrip(proxy)
+    await net.roundtrip(proxy)
     assert time.monotonic() - started >= 0.3
     proxy.heal()
     started = time.monotonic()
-    await roundtrip(proxy)
+    await net.roundtrip(proxy)
     assert time.monotonic() - started < 0.3
     with pytest.raises(ValueError, match="seconds"):
         proxy.delay(-1)
@@ -141,16 +158,16 @@ async def test_delay_adds_latency(
 
 @pytest.mark.anyio
 async def test_freeze_holds_bytes_without_closing(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """While frozen, reads on open and new connections hang; unfreeze() delivers everything."""
-    _, port = await echo(b"")
+    _, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
-    reader, writer, _ = await roundtrip(proxy)
+    reader, writer, _ = await net.roundtrip(proxy)
     proxy.freeze()
     writer.write(b"held")
-    new_reader, new_writer = await asyncio.open_connection(*proxy.address)
+    new_reader, new_writer = await net.connect(proxy)
     new_writer.write(b"new")
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(reader.read(65536), 0.3)
@@ -164,31 +181,31 @@ async def test_freeze_holds_bytes_without_closing(
 
 @pytest.mark.anyio
 async def test_cut_closes_open_connections(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """cut() closes every open connection; new ones still work."""
-    _, port = await echo(b"")
+    _, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
-    reader, *_ = await roundtrip(proxy)
-    other, *_ = await roundtrip(proxy)
+    reader, *_ = await net.roundtrip(proxy)
+    other, *_ = await net.roundtrip(proxy)
     proxy.cut()
     assert await asyncio.wait_for(reader.read(65536), 5) == b""
     assert await asyncio.wait_for(other.read(65536), 5) == b""
     await wait_until(lambda: proxy.active_connections == 0)
-    *_, answer = await roundtrip(proxy)
+    *_, answer = await net.roundtrip(proxy)
     assert answer == b"ping"
 
 
 @pytest.mark.anyio
 async def test_reset_aborts_with_rst(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """reset() aborts open connections: the client gets ECONNRESET, not a clean EOF."""
-    _, port = await echo(b"")
+    _, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
-    reader, *_ = await roundtrip(proxy)
+    reader, *_ = await net.roundtrip(proxy)
     proxy.reset()
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(reader.read(65536), 5)
@@ -196,14 +213,14 @@ async def test_reset_aborts_with_rst(
 
 @pytest.mark.anyio
 async def test_blackhole_accepts_but_never_answers(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """A blackholed proxy completes the handshake but never reaches the server nor answers."""
-    server, port = await echo(b"")
+    server, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
     proxy.blackhole()
-    reader, writer = await asyncio.open_connection(*proxy.address)
+    reader, writer = await net.connect(proxy)
     writer.write(b"anyone?")
     await writer.drain()
     with pytest.raises(asyncio.TimeoutError):
@@ -211,7 +228,7 @@ async def test_blackhole_accepts_but_never_answers(
     assert server.connections == 0
     assert proxy.connections_total == 1
     proxy.heal()
-    *_, answer = await roundtrip(proxy)
+    *_, answer = await net.roundtrip(proxy)
     assert answer == b"ping"
     assert server.connections == 1
     proxy.cut()  # blackholed connections stay open until cut
@@ -220,34 +237,34 @@ async def test_blackhole_accepts_but_never_answers(
 
 @pytest.mark.anyio
 async def test_refuse_stops_listening_until_heal(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """refuse() makes connects fail with ECONNREFUSED; heal() listens again on the same port."""
-    _, port = await echo(b"")
+    _, port = await net.echo(b"")
     proxy = fault_proxy_factory("127.0.0.1", port)
     proxy.refuse()
     with pytest.raises(ConnectionRefusedError):
-        await asyncio.open_connection(*proxy.address)
+        await net.connect(proxy)
     proxy.heal()
-    *_, answer = await roundtrip(proxy)
+    *_, answer = await net.roundtrip(proxy)
     assert answer == b"ping"
 
 
 @pytest.mark.anyio
 async def test_retarget_moves_new_connections(
-    echo: Callable[[bytes], Awaitable[tuple[Echo, int]]],
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """After retarget(), new connections reach the new server; open ones keep the old one."""
-    _, port_a = await echo(b"a:")
-    _, port_b = await echo(b"b:")
+    _, port_a = await net.echo(b"a:")
+    _, port_b = await net.echo(b"b:")
     proxy = fault_proxy_factory("127.0.0.1", port_a)
-    reader, writer, answer = await roundtrip(proxy, b"1")
+    reader, writer, answer = await net.roundtrip(proxy, b"1")
     assert answer == b"a:1"
     proxy.retarget("127.0.0.1", port_b)
     assert proxy.target == ("127.0.0.1", port_b)
-    *_, answer = await roundtrip(proxy, b"2")
+    *_, answer = await net.roundtrip(proxy, b"2")
     assert answer == b"b:2"
     writer.write(b"3")
     assert await asyncio.wait_for(reader.read(65536), 5) == b"a:3"
@@ -255,7 +272,8 @@ async def test_retarget_moves_new_connections(
 
 @pytest.mark.anyio
 async def test_unreachable_target_resets_the_client(
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """When the server refuses, the client's connection is reset as if it had been refused."""
     with socket.socket() as sock:
@@ -263,7 +281,7 @@ async def test_unreachable_target_resets_the_client(
         proxy = fault_proxy_factory("127.0.0.1", sock.getsockname()[1])
 
         async def connect_and_read() -> bytes:
-            reader, _ = await asyncio.open_connection(*proxy.address)
+            reader, _ = await net.connect(proxy)
             return await asyncio.wait_for(reader.read(65536), 5)
 
         with pytest.raises(ConnectionResetError):  # the RST may even beat the connect's end
@@ -271,9 +289,35 @@ async def test_unreachable_target_resets_the_client(
 
 
 @pytest.mark.anyio
+async def test_drop_after_client_message_kills_one_connection_silently(
+    net: Net,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """After a matching message one connection goes dead (open, silent); the others flow."""
+    _, port = await net.echo(b"")
+    proxy = fault_proxy_factory("127.0.0.1", port)
+    doomed, doomed_writer, _ = await net.roundtrip(proxy, b"hello")
+    other, other_writer, _ = await net.roundtrip(proxy, b"hello")
+    proxy.drop_after_client_message(b"SUBSCRIBE")
+    doomed_writer.write(b"SUBSCRIBE news")
+    # The echo of SUBSCRIBE itself is dropped, and so is everything after it.
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(doomed.read(65536), 0.3)
+    doomed_writer.write(b"more")
+    other_writer.write(b"still here")
+    assert await asyncio.wait_for(other.read(65536), 5) == b"still here"
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(doomed.read(65536), 0.2)
+    assert proxy.triggers_fired == 1
+    assert proxy.active_connections == 2
+    proxy.cut()
+    assert await asyncio.wait_for(doomed.read(65536), 5) == b""
+
+
+@pytest.mark.anyio
 async def test_cut_after_commit_loses_the_reply_not_the_commit(
     cluster: LocalPostgresCluster,
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """The server commits, but the client only sees its connection die: an unknown outcome."""
     primary = cluster.primary
@@ -303,7 +347,7 @@ async def test_cut_after_commit_loses_the_reply_not_the_commit(
 @pytest.mark.anyio
 async def test_freeze_hangs_a_postgres_query(
     cluster: LocalPostgresCluster,
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """A frozen link makes an asyncpg query hang (only its own timeout ends it)."""
     primary = cluster.primary

@@ -1,8 +1,13 @@
 """Tools for testing code that uses veritas-resilience, and for testing the library itself.
 
 - :class:`FakeClock` makes time-based behaviour instant and exact.
+- :class:`LocalPostgresCluster` starts a real PostgreSQL primary and streaming standbys on
+  loopback ports in a temporary folder (as an unprivileged user when run as root), with methods to
+  crash, promote, rewind and split-brain them.
 - :class:`LocalRedisSentinel` and :class:`LocalRedisCluster` start real Redis topologies on
   loopback ports in a temporary folder, with methods to fail them over, kill and pause nodes.
+- :class:`FaultProxy` is a TCP proxy on loopback that delays, freezes, cuts, resets or blackholes
+  connections, or cuts one right after a given client message (a lost COMMIT).
 
 The pytest plugin (``veritas_resilience.testing.pytest_plugin``, registered by entry point) turns
 them into fixtures.
@@ -15,16 +20,41 @@ from typing import TYPE_CHECKING, Any
 from ._clock import FakeClock as FakeClock
 
 if TYPE_CHECKING:
+    from ._ports import free_port as free_port
+    from ._postgres import LocalPostgresCluster as LocalPostgresCluster
+    from ._postgres import PostgresClusterFactory as PostgresClusterFactory
+    from ._postgres import PostgresNode as PostgresNode
+    from ._postgres import PostgresQueryError as PostgresQueryError
+    from ._proxy import FaultProxy as FaultProxy
+    from ._proxy import FaultProxyFactory as FaultProxyFactory
     from ._redis import LocalRedisCluster as LocalRedisCluster
     from ._redis import LocalRedisSentinel as LocalRedisSentinel
 
-__all__ = ["FakeClock", "LocalRedisCluster", "LocalRedisSentinel"]
+__all__ = [
+    "FakeClock",
+    "FaultProxy",
+    "FaultProxyFactory",
+    "LocalPostgresCluster",
+    "LocalRedisCluster",
+    "LocalRedisSentinel",
+    "PostgresClusterFactory",
+    "PostgresNode",
+    "PostgresQueryError",
+    "free_port",
+]
 
 # The server kits import the drivers; load them only when asked for, so that importing this
 # package (as the pytest plugin does in every test run) stays light.
 _LAZY = {
+    "FaultProxy": "._proxy",
+    "FaultProxyFactory": "._proxy",
+    "LocalPostgresCluster": "._postgres",
     "LocalRedisCluster": "._redis",
     "LocalRedisSentinel": "._redis",
+    "PostgresClusterFactory": "._postgres",
+    "PostgresNode": "._postgres",
+    "PostgresQueryError": "._postgres",
+    "free_port": "._ports",
 }
 
 

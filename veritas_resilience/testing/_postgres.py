@@ -258,10 +258,12 @@ def _clean_up_at_exit() -> None:  # pragma: no cover - only on interpreter exit
 class LocalPostgresCluster:
     """A PostgreSQL primary and ``standbys`` streaming standbys, on loopback, in a temp folder.
 
-    ``start()`` (or ``with``) runs ``initdb`` for the primary and ``pg_basebackup -R`` for each
-    standby, starts them on free ports of ``host`` and waits until every standby streams.
-    ``stop()`` kills every server and deletes the folder; it also runs at interpreter exit for a
-    cluster that was never stopped. The machine's own PostgreSQL is never touched.
+    ``start()`` (or ``with``) copies a data directory made by ``initdb`` (once per process) for
+    every node, makes all but the first standbys of it (``standby.signal`` and
+    ``primary_conninfo``, as ``pg_basebackup -R`` would), starts them on free ports of ``host``
+    and waits until every standby streams. ``stop()`` kills every server and deletes the
+    folder; it also runs at interpreter exit for a cluster that was never stopped. The
+    machine's own PostgreSQL is never touched.
 
     Ports are given on the ``pg_ctl`` command line, never in a config file: ``pg_rewind`` copies
     the source's config files, ``postgresql.auto.conf`` included, onto the target. For the same

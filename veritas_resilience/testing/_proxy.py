@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
 import threading
@@ -32,6 +33,10 @@ _CHUNK = 65536
 _QUEUE_CHUNKS = 64  # per direction; past this the proxy stops reading and TCP pushes back
 
 
+def _close_socket(sock: socket.socket, _: object) -> None:
+    sock.close()
+
+
 class FaultProxyFactory(Protocol):
     """The type of the ``fault_proxy_factory`` fixture, for annotating tests."""
 
@@ -43,9 +48,10 @@ class FaultProxyFactory(Protocol):
 @dataclass(eq=False)
 class _Trigger:
     match: bytes | Callable[[bytes], bool]
+    action: Literal["cut", "drop"]
     once: bool
-    reset: bool
-    reply_timeout: float
+    reset: bool = False
+    reply_timeout: float = 0.0
 
 
 @dataclass(eq=False)
@@ -54,6 +60,7 @@ class _Conn:
     upstream: asyncio.StreamWriter | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     swallowing: _Trigger | None = None  # set once a trigger fired: drop the reply, then close
+    dropping: bool = False  # a drop trigger fired: the connection is dead but stays open
     tail: bytes = b""  # end of the previous client chunk, to match across chunk boundaries
 
 
@@ -83,7 +90,8 @@ class FaultProxy:
         connections_total: Client connections accepted so far (blackholed ones included).
         bytes_to_server: Bytes forwarded from clients to the server.
         bytes_to_client: Bytes forwarded from the server to clients.
-        triggers_fired: How many times :meth:`cut_after_client_message` cut a connection.
+        triggers_fired: How many connections :meth:`cut_after_client_message` or
+            :meth:`drop_after_client_message` has cut or killed.
     """
 
     def __init__(
@@ -106,7 +114,6 @@ class FaultProxy:
         self._trigger: _Trigger | None = None
         self._conns: set[_Conn] = set()
         self._handlers: set[asyncio.Task[None]] = set()
-        self._accept_task: asyncio.Task[None] | None = None
         self._closed = False
         self._listener: socket.socket | None = socket.create_server((host, port), backlog=128)
         self._listener.setblocking(False)
@@ -254,13 +261,42 @@ class FaultProxy:
         Parse/Bind/Execute messages, each written in one piece, so a substring match is reliable
         for small statements. A bytes pattern also matches across two consecutive chunks.
 
+        One message trigger is armed at a time: this replaces one set by
+        :meth:`drop_after_client_message`, and :meth:`heal` disarms it.
+
         Args:
             match: A byte string the chunk must contain, or a predicate over the chunk.
             once: Disarm after the first cut (otherwise every match cuts until :meth:`heal`).
             reset: Close the client side with a RST instead of a FIN.
             reply_timeout: Close anyway after this many seconds without a reply.
         """
-        trigger = _Trigger(match=match, once=once, reset=reset, reply_timeout=reply_timeout)
+        trigger = _Trigger(
+            match=match, action="cut", once=once, reset=reset, reply_timeout=reply_timeout
+        )
+
+        async def apply() -> None:
+            self._trigger = trigger
+
+        self._call(apply)
+
+    def drop_after_client_message(
+        self, match: bytes | Callable[[bytes], bool], *, once: bool = True
+    ) -> None:
+        """Make one connection go silently dead right after a matching client message.
+
+        The matching client→server chunk is forwarded; from then on that connection drops
+        everything in both directions and never closes (even when a side closes), while the
+        other connections keep flowing. This is a dead path under one long-lived connection,
+        for instance a pub/sub subscription (``match=b"SUBSCRIBE"``) or a replication stream.
+        The connection stays open, even after :meth:`heal`, until :meth:`cut`, :meth:`reset`
+        or :meth:`close`. Matching works as in :meth:`cut_after_client_message`, whose trigger
+        this replaces.
+
+        Args:
+            match: A byte string the chunk must contain, or a predicate over the chunk.
+            once: Disarm after the first match (otherwise every match kills its connection).
+        """
+        trigger = _Trigger(match=match, action="drop", once=once)
 
         async def apply() -> None:
             self._trigger = trigger
@@ -268,7 +304,7 @@ class FaultProxy:
         self._call(apply)
 
     def heal(self) -> None:
-        """Clear every fault: no delay, no freeze, no blackhole, no pending cut, listening again.
+        """Clear every fault: no delay, no freeze, no blackhole, no armed trigger, listening again.
 
         The target set by :meth:`retarget` is kept; connections already closed stay closed.
         """
@@ -336,15 +372,13 @@ class FaultProxy:
         if self._listener is None:
             self._listener = socket.create_server((self._host, self._port), backlog=128)
             self._listener.setblocking(False)
-        self._accept_task = self._loop.create_task(self._accept_loop(self._listener))
+        # A reader callback rather than a task awaiting sock_accept(): cancelling that task can
+        # drop a socket that was just accepted.
+        self._loop.add_reader(self._listener.fileno(), self._accept, self._listener)
 
     async def _stop_listening(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
         if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
 
@@ -365,16 +399,20 @@ class FaultProxy:
             task.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, _ = await self._loop.sock_accept(listener)
-            except OSError:  # pragma: no cover - listener closed under us
+                sock, _ = listener.accept()
+            except OSError:  # BlockingIOError: nothing more to accept
                 return
+            sock.setblocking(False)
             self.connections_total += 1
             task = self._loop.create_task(self._handle(sock))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+            # A handler cancelled before it wrapped the socket in a transport would leak it;
+            # once wrapped, closing it again is harmless.
+            task.add_done_callback(functools.partial(_close_socket, sock))
 
     async def _handle(self, sock: socket.socket) -> None:
         client_reader, client_writer = await asyncio.open_connection(sock=sock)
@@ -397,7 +435,7 @@ class FaultProxy:
                 return
             conn.upstream = up_writer
             if conn.closed.is_set():  # cut while connecting
-                self._close(conn, reset=False)
+                up_writer.close()
                 return
             tasks += self._pump(conn, client_reader, up_writer, "to_server")
             tasks += self._pump(conn, up_reader, client_writer, "to_client")
@@ -438,6 +476,8 @@ class FaultProxy:
                     if (wait := due - self._loop.time()) > 0:
                         await asyncio.sleep(wait)
                         await flowing.wait()  # frozen while the chunk was delayed
+                    if conn.dropping:
+                        continue
                     if conn.swallowing is not None:
                         if direction == "to_client":  # the reply to lose: drop it and cut
                             self._close(conn, reset=conn.swallowing.reset)
@@ -455,6 +495,8 @@ class FaultProxy:
                 await flowing.wait()
             except OSError:
                 pass
+            if conn.dropping:
+                return  # a dead path tells nobody that a side has gone
             if conn.swallowing is None or direction == "to_client":
                 self._close(conn, reset=False)
 
@@ -475,8 +517,11 @@ class FaultProxy:
         if trigger.once:
             self._trigger = None
         self.triggers_fired += 1
-        conn.swallowing = trigger
-        self._loop.call_later(trigger.reply_timeout, self._close, conn, trigger.reset)
+        if trigger.action == "drop":
+            conn.dropping = True
+        else:
+            conn.swallowing = trigger
+            self._loop.call_later(trigger.reply_timeout, self._close, conn, trigger.reset)
 
     async def _close_all(self, *, reset: bool) -> None:
         for conn in list(self._conns):
@@ -487,11 +532,9 @@ class FaultProxy:
             await asyncio.sleep(0)
 
     def _close(self, conn: _Conn, reset: bool) -> None:
-        if conn.closed.is_set():
-            return
         conn.closed.set()
         for writer in (conn.client, conn.upstream):
-            if writer is None:
+            if writer is None or writer.transport.is_closing():
                 continue
             if reset:
                 sock = writer.get_extra_info("socket")
