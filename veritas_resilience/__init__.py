@@ -15,11 +15,26 @@ The PostgreSQL and Redis clients live in ``veritas_resilience.postgres`` and
 
 from __future__ import annotations
 
+from ._cache import MemoryStaleStore as MemoryStaleStore
+from ._cache import StaleStore as StaleStore
 from ._clock import Clock as Clock
 from ._clock import MonotonicClock as MonotonicClock
+from ._fallback import CacheMissError as CacheMissError
+from ._fallback import FallbackChain as FallbackChain
+from ._fallback import FallbackExhausted as FallbackExhausted
+from ._fallback import FallbackServed as FallbackServed
+from ._fallback import FallbackStep as FallbackStep
+from ._fallback import FallbackTracker as FallbackTracker
+from ._fallback import FallbackUse as FallbackUse
+from ._fallback import StaleCache as StaleCache
+from ._fallback import StaleStoreFailed as StaleStoreFailed
+from ._fallback import StaleValueServed as StaleValueServed
+from ._fallback import fallback as fallback
+from ._fallback import track_fallbacks as track_fallbacks
 from ._hooks import get_hooks as get_hooks
 from ._hooks import set_hooks as set_hooks
 from ._redact import redact as redact
+from ._redis_store import RedisStaleStore as RedisStaleStore
 from .circuit_breaker import BreakerSnapshot as BreakerSnapshot
 from .circuit_breaker import CircuitBreaker as CircuitBreaker
 from .circuit_breaker import CircuitBreakerRegistry as CircuitBreakerRegistry
@@ -43,6 +58,16 @@ from .events import Event as Event
 from .events import Hook as Hook
 from .instrumentation import PrometheusHook as PrometheusHook
 from .instrumentation import StructlogHook as StructlogHook
+from .limits import Bulkhead as Bulkhead
+from .limits import BulkheadRejected as BulkheadRejected
+from .limits import Timeout as Timeout
+from .limits import TimeoutExpired as TimeoutExpired
+from .pipeline import Pipeline as Pipeline
+from .retry import Retry as Retry
+from .retry import RetryBudget as RetryBudget
+from .retry import RetryBudgetExhausted as RetryBudgetExhausted
+from .retry import RetryExhausted as RetryExhausted
+from .retry import RetryScheduled as RetryScheduled
 
 __version__ = "0.1.0"
 
@@ -54,7 +79,10 @@ __all__ = [
     "BreakerCallSucceeded",
     "BreakerSnapshot",
     "BreakerStateChanged",
+    "Bulkhead",
     "BulkheadFullError",
+    "BulkheadRejected",
+    "CacheMissError",
     "CircuitBreaker",
     "CircuitBreakerRegistry",
     "CircuitOpenError",
@@ -64,15 +92,37 @@ __all__ = [
     "ExponentialBackoff",
     "ExponentialCircuitBreaker",
     "FailureRate",
+    "FallbackChain",
+    "FallbackExhausted",
+    "FallbackServed",
+    "FallbackStep",
+    "FallbackTracker",
+    "FallbackUse",
     "Hook",
+    "MemoryStaleStore",
     "MonotonicClock",
+    "Pipeline",
     "PrometheusHook",
+    "RedisStaleStore",
     "ResilienceError",
     "ResilienceTimeoutError",
+    "Retry",
+    "RetryBudget",
+    "RetryBudgetExhausted",
     "RetryBudgetExhaustedError",
+    "RetryExhausted",
+    "RetryScheduled",
     "ServiceUnavailableError",
+    "StaleCache",
+    "StaleStore",
+    "StaleStoreFailed",
+    "StaleValueServed",
     "StructlogHook",
+    "Timeout",
+    "TimeoutExpired",
+    "fallback",
     "get_hooks",
     "redact",
     "set_hooks",
+    "track_fallbacks",
 ]

@@ -33,7 +33,7 @@ def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
 
 @runtime_checkable
 class StaleStore(Protocol):
-    """Where a :class:`~veritas_resilience.fallback.StaleCache` keeps its last-known-good values.
+    """Where a :class:`~veritas_resilience.StaleCache` keeps its last-known-good values.
 
     ``namespace`` is the cache's name, so that several caches can share one store. A store
     reports each value's age, in seconds, as measured by the store (the in-memory store by its

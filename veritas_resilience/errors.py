@@ -7,6 +7,7 @@ pass through unchanged unless an integration maps them at its boundary::
     ResilienceError
     ├── CircuitOpenError            a breaker rejected the call (name, state, retry_after)
     ├── ServiceUnavailableError     every step of a fallback chain failed (errors of each step)
+    ├── CacheMissError              a stale-if-error cache had no usable value (``StaleCache``)
     ├── RetryBudgetExhaustedError   the shared retry budget of a dependency is spent
     ├── BulkheadFullError           a concurrency limit and its wait queue are full
     ├── ResilienceTimeoutError      a timeout policy expired (also a built-in ``TimeoutError``)

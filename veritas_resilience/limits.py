@@ -28,7 +28,7 @@ import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeAlias, TypeVar
 
 import anyio
 
@@ -89,24 +89,29 @@ class BulkheadRejected(Event):
 # -- timeout ------------------------------------------------------------------------------------
 
 _get_running_loop = asyncio._get_running_loop
+_get_ident = threading.get_ident
 _current_task = asyncio.current_task
 _CancelledError = asyncio.CancelledError
-_HAS_UNCANCEL = sys.version_info >= (3, 11)
-_ACTIVE, _DONE, _EXPIRED = 0, 1, 2
 _timeout_names = itertools.count(1)
 _trio: types.ModuleType | None = None
 
+if sys.version_info >= (3, 11):
+    _cancelling = asyncio.Task.cancelling
+    _uncancel = asyncio.Task.uncancel
+else:  # pragma: no cover - Python 3.10 has no cancel counting; every expiry is ours
 
-class _Deadline:
-    """One call under a timeout on asyncio: when it expires, its task, and whether it ended."""
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return 0
 
-    __slots__ = ("at", "cancelling", "state", "task")
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return 0
 
-    def __init__(self, at: float, task: asyncio.Task[Any], cancelling: int) -> None:
-        self.at = at
-        self.task = task
-        self.cancelling = cancelling
-        self.state = _ACTIVE
+
+# A call under a timeout on asyncio is a list, cheaper to make than an object:
+# [deadline, task, the task's cancel count on entry, state].
+_AT, _TASK, _CANCELLING, _STATE = 0, 1, 2, 3
+_ACTIVE, _DONE, _EXPIRED = 0, 1, 2
+_Entry: TypeAlias = "list[Any]"
 
 
 class _LoopDeadlines:
@@ -117,66 +122,63 @@ class _LoopDeadlines:
     deadlines arrive in the order the calls started: a FIFO queue is also a deadline-ordered
     queue. One timer waits for the head; a call that ends only marks its entry, and finished
     entries are dropped from the head (or, if a slow call holds the head, by compaction).
+
+    The hot path (adding an entry and finishing it) is inlined in :class:`Timeout`'s wrapper.
     """
 
-    __slots__ = ("_active", "_entries", "_handle", "_loop", "_now", "_policy", "_seconds")
+    __slots__ = ("active", "entries", "handle", "loop", "now", "policy")
 
     def __init__(self, policy: Timeout, loop: asyncio.AbstractEventLoop) -> None:
-        self._policy = policy
-        self._loop = loop
-        self._seconds = policy.seconds
+        self.policy = policy
+        self.loop = loop
         # The default loops read time.monotonic(); calling it directly saves a method frame.
         is_default = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
-        self._now: Callable[[], float] = time.monotonic if is_default else loop.time
-        self._entries: deque[_Deadline] = deque()
-        self._handle: asyncio.TimerHandle | None = None
-        self._active = 0
+        self.now: Callable[[], float] = time.monotonic if is_default else loop.time
+        self.entries: deque[_Entry] = deque()
+        self.handle: asyncio.TimerHandle | None = None
+        self.active = 0
 
-    def add(self, task: asyncio.Task[Any]) -> _Deadline:
-        entry = _Deadline(
-            self._now() + self._seconds, task, task.cancelling() if _HAS_UNCANCEL else 0
-        )
-        self._entries.append(entry)
-        self._active += 1
-        if self._handle is None:
-            self._handle = self._loop.call_at(entry.at, self._fire)
-        return entry
+    def schedule(self) -> None:
+        """Start the timer for the head entry (called when no timer is pending)."""
+        self.handle = self.loop.call_at(self.entries[0][_AT], self.fire)
 
-    def finish(self, entry: _Deadline) -> bool:
+    def finish(self, entry: _Entry) -> bool:
         """Mark ``entry`` ended; return whether it had expired (its task was cancelled by us)."""
-        if entry.state == _EXPIRED:
+        if entry[_STATE] == _EXPIRED:
             return True
-        entry.state = _DONE
-        self._active -= 1
-        entries = self._entries
-        if entries[0] is entry:
-            entries.popleft()
-            while entries and entries[0].state:
-                entries.popleft()
-        elif len(entries) > 2 * self._active + 64:
-            self._entries = deque(e for e in entries if not e.state)
+        entry[_STATE] = _DONE
+        self.active -= 1
+        self.prune()
         return False
 
-    def _fire(self) -> None:
-        self._handle = None
-        now = self._now()
-        entries = self._entries
+    def prune(self) -> None:
+        """Drop finished entries from the head; compact when a slow call holds the head."""
+        entries = self.entries
+        while entries and entries[0][_STATE]:
+            entries.popleft()
+        if len(entries) > 2 * self.active + 64:
+            self.entries = deque(e for e in entries if not e[_STATE])
+
+    def fire(self) -> None:
+        self.handle = None
+        now = self.now()
+        entries = self.entries
         expired = 0
         while entries:
             entry = entries[0]
-            if entry.state:
+            if entry[_STATE]:
                 entries.popleft()
-            elif entry.at <= now:
+            elif entry[_AT] <= now:
                 entries.popleft()
-                entry.state = _EXPIRED
-                self._active -= 1
+                entry[_STATE] = _EXPIRED
+                self.active -= 1
                 expired += 1
-                entry.task.cancel(f"veritas timeout {self._policy.name!r} expired")
+                entry[_TASK].cancel(f"veritas timeout {self.policy.name!r} expired")
             else:
-                self._handle = self._loop.call_at(entry.at, self._fire)
+                self.handle = self.loop.call_at(entry[_AT], self.fire)
                 break
         if expired:
-            self._policy._record_expired(expired)
+            self.policy._record_expired(expired)
 
 
 def _trio_scope(seconds: float) -> trio.CancelScope:
@@ -226,9 +228,9 @@ class Timeout(_hooks.Instrumented):
         self._seconds = _seconds(seconds, "seconds")
         self._name = _name(name, "timeout", _timeout_names)
         self._n_expired = 0
-        # (loop, deadlines) of the last loop used: one identity check on the hot path. A tuple
-        # is replaced atomically, so threads running their own loops cannot mix them up.
-        self._cache: tuple[object, _LoopDeadlines | None] = (None, None)
+        # (thread id, loop, deadlines) of the last loop used. A tuple is replaced atomically, so
+        # threads running their own loops cannot mix them up.
+        self._cache: tuple[int, Any, Any] = (0, None, None)
         self._per_loop: dict[asyncio.AbstractEventLoop, _LoopDeadlines] = {}
         self._lock = threading.Lock()
         self._init_hooks(hooks)
@@ -262,7 +264,7 @@ class Timeout(_hooks.Instrumented):
                 for old in [lp for lp in self._per_loop if lp.is_closed()]:
                     del self._per_loop[old]
                 deadlines = self._per_loop[loop] = _LoopDeadlines(self, loop)
-        self._cache = (loop, deadlines)
+        self._cache = (_get_ident(), loop, deadlines)
         return deadlines
 
     def _record_expired(self, count: int = 1) -> None:
@@ -295,61 +297,80 @@ class Timeout(_hooks.Instrumented):
         loop = _get_running_loop()
         if loop is None:
             return await self._call_other(fn, args, kwargs)
-        cached_loop, deadlines = self._cache
-        if cached_loop is not loop or deadlines is None:
+        thread, cached_loop, deadlines = self._cache
+        if cached_loop is not loop or thread != _get_ident():
             deadlines = self._deadlines(loop)
         task = _current_task(loop)
         if task is None:
             raise RuntimeError("a Timeout must be awaited inside an asyncio task")
-        entry = deadlines.add(task)
+        entry = [deadlines.now() + self._seconds, task, _cancelling(task), _ACTIVE]
+        deadlines.entries.append(entry)
+        deadlines.active += 1
+        if deadlines.handle is None:
+            deadlines.schedule()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
             if deadlines.finish(entry):
                 self._expired_with(task, entry, exc)
             raise
-        if deadlines.finish(entry) and _HAS_UNCANCEL:
-            task.uncancel()  # the call swallowed our cancellation and returned anyway
+        if entry[_STATE]:
+            _uncancel(task)  # the call swallowed our cancellation and returned anyway
+        else:
+            entry[_STATE] = _DONE
+            deadlines.active -= 1
+            deadlines.prune()
         return result
 
-    def _expired_with(self, task: asyncio.Task[Any], entry: _Deadline, exc: BaseException) -> None:
+    def _expired_with(self, task: asyncio.Task[Any], entry: _Entry, exc: BaseException) -> None:
         """Our deadline cancelled ``task`` and the call ended with ``exc``: convert it if ours.
 
         As in ``asyncio.timeout``: only when no other cancellation was requested meanwhile (the
         task's cancel count is back to what it was on entry) is the CancelledError ours.
         """
-        pending = task.uncancel() if _HAS_UNCANCEL else 0
-        if isinstance(exc, _CancelledError) and pending <= entry.cancelling:
+        if _uncancel(task) <= entry[_CANCELLING] and isinstance(exc, _CancelledError):
             raise self._timeout_error() from None
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs under the timeout."""
         _require_async(fn, "Timeout")
         policy = self
-        call_other = self._call_other
+        seconds = self._seconds
+        call = self.call
         expired_with = self._expired_with
 
         # The body of call(), inlined: one coroutine frame less.
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            loop = _get_running_loop()
-            if loop is None:
-                return await call_other(fn, args, kwargs)
-            cached_loop, deadlines = policy._cache
-            if cached_loop is not loop or deadlines is None:
-                deadlines = policy._deadlines(loop)
-            task = _current_task(loop)
+            # The task, found from the loop this thread used last: asyncio._get_running_loop()
+            # makes a getpid() system call on every use. Only one loop runs in a thread at a
+            # time, so if that loop has a current task, it is ours. Anything else (first call,
+            # a new loop, trio) goes through call(), which finds the loop and caches it.
+            thread, loop, deadlines = policy._cache
+            task = _current_task(loop) if thread == _get_ident() else None
             if task is None:
-                raise RuntimeError("a Timeout must be awaited inside an asyncio task")
-            entry = deadlines.add(task)
+                return await call(fn, *args, **kwargs)
+            entry = [deadlines.now() + seconds, task, _cancelling(task), _ACTIVE]
+            deadlines.entries.append(entry)
+            deadlines.active += 1
+            if deadlines.handle is None:
+                deadlines.schedule()
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
                 if deadlines.finish(entry):
                     expired_with(task, entry, exc)
                 raise
-            if deadlines.finish(entry) and _HAS_UNCANCEL:
-                task.uncancel()
+            if entry[_STATE]:
+                _uncancel(task)
+            else:
+                entry[_STATE] = _DONE
+                deadlines.active -= 1
+                entries = deadlines.entries
+                if entries[0] is entry and (len(entries) == 1 or not entries[1][_STATE]):
+                    entries.popleft()  # the usual case, without a method call
+                else:
+                    deadlines.prune()
             return result
 
         wrapper.timeout = self  # type: ignore[attr-defined]
@@ -548,7 +569,10 @@ def _name(name: str | None, kind: str, counter: Iterator[int]) -> str:
 
 
 def _require_async(fn: Callable[..., Any], policy: str) -> None:
-    if not inspect.iscoroutinefunction(fn):
+    if not (
+        inspect.iscoroutinefunction(fn)
+        or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+    ):
         raise TypeError(
             f"{policy} decorates async functions (async def); got {fn!r}. "
             "Wrap sync code with anyio.to_thread.run_sync in an async function first."

@@ -428,7 +428,7 @@ class Retry(_hooks.Instrumented):
         self._clock = clock
         self._now = clock.monotonic
         self._retry_if = _retry_if_exception(self._should_retry)
-        self._n = dict.fromkeys(_OUTCOMES, 0)
+        self._n = dict.fromkeys(_OUTCOMES[1:], 0)  # "success" is _n_success, on the hot path
         self._n_success = 0
         self._init_hooks(hooks)
 
@@ -451,6 +451,10 @@ class Retry(_hooks.Instrumented):
     def clock(self) -> Clock:
         """The policy's time source."""
         return self._clock
+
+    def counts(self) -> dict[str, int]:
+        """Attempts since creation by what followed them (the outcomes of the metric)."""
+        return {"success": self._n_success, **self._n}
 
     def __repr__(self) -> str:
         return f"<Retry {self._name!r} attempts={self._attempts} timeout={self._timeout}>"
@@ -604,9 +608,8 @@ class Retry(_hooks.Instrumented):
 
     def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
         name = self._name
-        yield "veritas_retry_attempts", (name, "success"), float(self._n_success)
-        for outcome in _OUTCOMES[1:]:
-            yield "veritas_retry_attempts", (name, outcome), float(self._n[outcome])
+        for outcome, count in self.counts().items():
+            yield "veritas_retry_attempts", (name, outcome), float(count)
 
 
 def _number(value: float, field: str, *, allow_zero: bool) -> float:

@@ -1,0 +1,472 @@
+"""The stale-if-error cache: in memory under asyncio and trio with a fake clock, and in a real
+Redis (a private redis-server on a free loopback port) under asyncio."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Hashable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from veritas_resilience import (
+    CacheMissError,
+    Event,
+    FallbackChain,
+    MemoryStaleStore,
+    RedisStaleStore,
+    ServiceUnavailableError,
+    StaleCache,
+    StaleStoreFailed,
+    StaleValueServed,
+    fallback,
+    track_fallbacks,
+)
+from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing._ports import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A hook that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+class Source:
+    """A dependency that can be switched down, and counts its calls."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.calls = 0
+        self.gate: anyio.Event | None = None
+
+    async def fetch(self, item: int, *, lang: str = "en") -> dict[str, Any]:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        await anyio.lowlevel.checkpoint()
+        if not self.up:
+            raise ConnectionError("source down")
+        return {"item": item, "lang": lang, "version": self.calls}
+
+
+async def unavailable(*args: Any, **kwargs: Any) -> Any:
+    raise KeyError("no degraded path")
+
+
+# -- in the chain -------------------------------------------------------------------------------
+
+
+async def test_serves_stale_within_the_window_and_fails_after_it(clock: FakeClock) -> None:
+    """The last good value is served while younger than max_staleness; after, the chain fails."""
+    source = Source()
+    cache = StaleCache(name="items", max_staleness=60, clock=clock, hooks=[])
+    get_item = fallback(unavailable, cache, name="items", hooks=[])(source.fetch)
+    assert (await get_item(1))["version"] == 1
+    source.up = False
+    clock.advance(59)
+    with track_fallbacks() as served:
+        assert (await get_item(1))["version"] == 1
+    assert served.step == "items"
+    assert served.age == pytest.approx(59)
+    clock.advance(1.5)
+    with pytest.raises(ServiceUnavailableError) as info:
+        await get_item(1)
+    assert info.value.steps == ("primary", "unavailable", "items")
+    miss = info.value.errors[-1]
+    assert isinstance(miss, CacheMissError)
+    assert cache.counts()["stale"] == 1
+
+
+async def test_each_argument_set_has_its_own_value(clock: FakeClock) -> None:
+    """Values are keyed by positional and keyword arguments; an unseen key is a miss."""
+    source = Source()
+    cache = StaleCache(max_staleness=60, clock=clock, hooks=[])
+    get_item = FallbackChain(cache, hooks=[])(source.fetch)
+    await get_item(1)
+    await get_item(1, lang="fr")
+    source.up = False
+    assert (await get_item(1))["lang"] == "en"
+    assert (await get_item(1, lang="fr"))["lang"] == "fr"
+    with pytest.raises(ServiceUnavailableError) as info:
+        await get_item(2)
+    assert isinstance(info.value.errors[-1], CacheMissError)
+    assert info.value.errors[-1].reason == "missing"
+
+
+async def test_key_function_and_unhashable_arguments(clock: FakeClock) -> None:
+    """A key function maps arguments to the key; unhashable arguments without one fail early."""
+    calls = 0
+
+    async def search(query: dict[str, str]) -> str:
+        nonlocal calls
+        calls += 1
+        return query["q"]
+
+    cache = StaleCache(key=lambda query: query["q"], clock=clock, hooks=[])
+    assert await FallbackChain(cache, hooks=[])(search)({"q": "soup"}) == "soup"
+    plain = FallbackChain(StaleCache(clock=clock, hooks=[]), hooks=[])(search)
+    with pytest.raises(TypeError, match="key="):
+        await plain({"q": "soup"})
+    assert calls == 1  # the unhashable call never reached the function
+
+
+async def test_memory_store_is_bounded(clock: FakeClock) -> None:
+    """The in-memory store keeps at most max_size values, dropping the oldest written."""
+    source = Source()
+    cache = StaleCache(max_size=2, clock=clock, hooks=[])
+    get_item = FallbackChain(cache, hooks=[])(source.fetch)
+    for item in (1, 2, 3):
+        await get_item(item)
+    assert len(cache.store) == 2  # type: ignore[arg-type]
+    source.up = False
+    assert (await get_item(3))["item"] == 3
+    assert (await get_item(2))["item"] == 2
+    with pytest.raises(ServiceUnavailableError):
+        await get_item(1)
+
+
+async def test_concurrent_misses_are_coalesced_into_one_call(clock: FakeClock) -> None:
+    """100 concurrent calls for one cold key make one call; all get its result."""
+    source = Source()
+    source.gate = anyio.Event()
+    cache = StaleCache(name="hot", clock=clock, hooks=[])
+    get_item = FallbackChain(cache, hooks=[])(source.fetch)
+    results: list[dict[str, Any]] = []
+
+    async def one() -> None:
+        results.append(await get_item(7))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(one)
+        while cache.counts()["coalesced"] < 99:
+            await anyio.lowlevel.checkpoint()
+        source.gate.set()
+    assert source.calls == 1
+    assert len(results) == 100
+    assert all(r is results[0] for r in results)
+    assert cache.counts()["stored"] == 1
+
+
+async def test_coalesced_callers_share_the_error_and_fall_back_each(clock: FakeClock) -> None:
+    """When the one shared call fails, every waiting caller falls back on its own."""
+    source = Source()
+    source.up = False
+    source.gate = anyio.Event()
+    degraded_calls = 0
+
+    async def degraded(item: int) -> str:
+        nonlocal degraded_calls
+        degraded_calls += 1
+        return "degraded"
+
+    cache = StaleCache(clock=clock, hooks=[])
+    get_item = FallbackChain(degraded, cache, hooks=[])(source.fetch)
+    results: list[Any] = []
+
+    async def one() -> None:
+        results.append(await get_item(7))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(one)
+        while cache.counts()["coalesced"] < 9:
+            await anyio.lowlevel.checkpoint()
+        source.gate.set()
+    assert source.calls == 1
+    assert results == ["degraded"] * 10
+    assert degraded_calls == 10
+
+
+async def test_a_cancelled_leader_hands_over_to_a_waiting_caller(clock: FakeClock) -> None:
+    """If the caller making the shared call is cancelled, a waiting caller makes it instead."""
+    source = Source()
+    source.gate = anyio.Event()
+    cache = StaleCache(clock=clock, hooks=[])
+    get_item = FallbackChain(cache, hooks=[])(source.fetch)
+    results: list[Any] = []
+
+    async def follower() -> None:
+        results.append(await get_item(1))
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as leader_scope:
+            async with anyio.create_task_group() as leader_group:
+                leader_group.start_soon(get_item, 1)
+                await anyio.lowlevel.checkpoint()
+                tg.start_soon(follower)
+                while cache.counts()["coalesced"] < 1:
+                    await anyio.lowlevel.checkpoint()
+                leader_scope.cancel()
+        assert leader_scope.cancelled_caught
+        while source.calls < 2:
+            await anyio.lowlevel.checkpoint()
+        source.gate.set()
+    assert source.calls == 2
+    assert [r["version"] for r in results] == [2]
+
+
+async def test_fresh_for_serves_recent_values_without_calling(clock: FakeClock) -> None:
+    """With fresh_for, a value younger than it is returned without calling the source."""
+    source = Source()
+    cache = StaleCache(max_staleness=60, fresh_for=5, clock=clock, hooks=[])
+    get_item = FallbackChain(cache, hooks=[])(source.fetch)
+    await get_item(1)
+    clock.advance(4)
+    assert (await get_item(1))["version"] == 1
+    assert source.calls == 1
+    clock.advance(2)
+    assert (await get_item(1))["version"] == 2
+    assert cache.counts()["fresh"] == 1
+
+
+async def test_invalidate_forgets_a_value(clock: FakeClock) -> None:
+    """invalidate(*args) drops the value stored for those arguments."""
+    source = Source()
+    cache = StaleCache(clock=clock, hooks=[])
+    get_item = FallbackChain(cache, hooks=[])(source.fetch)
+    await get_item(1)
+    await cache.invalidate(1)
+    source.up = False
+    with pytest.raises(ServiceUnavailableError):
+        await get_item(1)
+
+
+# -- as a decorator -----------------------------------------------------------------------------
+
+
+async def test_decorator_serves_stale_values_on_error(clock: FakeClock) -> None:
+    """Used alone, the cache answers a failure with the stored value, and reports it."""
+    hook = Recorder()
+    source = Source()
+    cache = StaleCache(name="items", max_staleness=30, clock=clock, hooks=[hook])
+    get_item = cache(source.fetch)
+    await get_item(1)
+    source.up = False
+    clock.advance(10)
+    with track_fallbacks() as served:
+        assert (await get_item(1))["version"] == 1
+    assert served.uses[0].chain == "items"
+    assert served.age == pytest.approx(10)
+    [event] = hook.of(StaleValueServed)
+    assert event.age == pytest.approx(10)
+    assert isinstance(event.error, ConnectionError)
+
+
+async def test_decorator_reraises_the_original_error_without_a_usable_value(
+    clock: FakeClock,
+) -> None:
+    """Without a value (or with one too old) the call's own error propagates, unchained."""
+    source = Source()
+    source.up = False
+    cache = StaleCache(max_staleness=30, clock=clock, hooks=[])
+    get_item = cache(source.fetch)
+    with pytest.raises(ConnectionError) as info:
+        await get_item(1)
+    assert info.value.__context__ is None
+    source.up = True
+    await get_item(2)
+    source.up = False
+    clock.advance(31)
+    with pytest.raises(ConnectionError):
+        await get_item(2)
+    assert cache.counts()["miss"] == 2  # the in-memory store drops values at max_staleness
+
+
+async def test_decorator_on_limits_which_errors_serve_stale(clock: FakeClock) -> None:
+    """Errors outside the cache's `on` propagate even when a value is stored."""
+    calls = 0
+
+    async def get(item: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise ValueError("bad request")
+        return item
+
+    get_cached = StaleCache(on=ConnectionError, clock=clock, hooks=[])(get)
+    await get_cached(1)
+    with pytest.raises(ValueError):
+        await get_cached(1)
+
+
+async def test_store_failures_never_fail_the_call(clock: FakeClock) -> None:
+    """A store that cannot write is reported; the call still returns its value."""
+
+    class BrokenStore:
+        async def get(self, namespace: str, key: Hashable) -> tuple[Any, float] | None:
+            raise ConnectionError("store down")
+
+        async def set(self, namespace: str, key: Hashable, value: Any, ttl: float) -> None:
+            raise ConnectionError("store down")
+
+        async def delete(self, namespace: str, key: Hashable) -> None:
+            raise ConnectionError("store down")
+
+    hook = Recorder()
+    source = Source()
+    cache = StaleCache(store=BrokenStore(), clock=clock, hooks=[hook])
+    get_item = cache(source.fetch)
+    assert (await get_item(1))["version"] == 1
+    source.up = False
+    with pytest.raises(ConnectionError, match="source down"):
+        await get_item(1)
+    assert [e.operation for e in hook.of(StaleStoreFailed)] == ["set", "get"]
+    assert cache.counts()["store_error"] == 2
+
+
+def test_cache_rejects_bad_configuration() -> None:
+    """Bad settings raise at construction, naming the parameter."""
+    with pytest.raises(ValueError, match="max_staleness"):
+        StaleCache(max_staleness=0)
+    with pytest.raises(ValueError, match="fresh_for"):
+        StaleCache(max_staleness=10, fresh_for=11)
+    with pytest.raises(ValueError, match="max_size"):
+        StaleCache(max_size=0)
+    with pytest.raises(ValueError, match="max_size"):
+        StaleCache(max_size=10, store=MemoryStaleStore())
+    with pytest.raises(TypeError, match="store"):
+        StaleCache(store=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="key"):
+        StaleCache(key="id")  # type: ignore[arg-type]
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A private, persistence-free redis-server on a free loopback port."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is required (apt-get install redis-server)"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                folder,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=port)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Any]:
+    """A redis.asyncio client on the private server, flushed before the test."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_store_shares_stale_values_between_processes(redis_client: Any) -> None:
+    """A value written by one process's cache is served stale by another's, with its age."""
+    source = Source()
+    writer = StaleCache(name="catalog", store=RedisStaleStore(redis_client), hooks=[])
+    reader = StaleCache(name="catalog", store=RedisStaleStore(redis_client), hooks=[])
+    await fallback(writer, hooks=[])(source.fetch)(5, lang="de")
+    source.up = False
+    get_item = fallback(reader, hooks=[])(source.fetch)
+    with track_fallbacks() as served:
+        value = await get_item(5, lang="de")
+    assert value == {"item": 5, "lang": "de", "version": 1}
+    assert served.age is not None and 0 <= served.age < 5
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_store_ages_by_server_ttl_and_hides_arguments(redis_client: Any) -> None:
+    """Ages come from the server's TTL; keys are hashed; values past max_staleness expire."""
+    store = RedisStaleStore(redis_client, prefix="test:")
+    await store.set("users", ("jane.doe@example.com",), {"id": 7}, ttl=600)
+    keys = [k.decode() for k in await redis_client.keys("*")]
+    assert keys == [store.redis_key("users", ("jane.doe@example.com",))]
+    assert keys[0].startswith("test:users:")
+    assert "jane" not in keys[0]
+    # Make the value look 590 s old: 10 s of its 600 s TTL are left.
+    await redis_client.pexpire(keys[0], 10_000)
+    hit = await store.get("users", ("jane.doe@example.com",))
+    assert hit is not None
+    value, age = hit
+    assert value == {"id": 7}
+    assert 589 <= age <= 591
+    cache = StaleCache(name="users", max_staleness=600, store=store, hooks=[])
+    with pytest.raises(CacheMissError) as info:
+        await cache._stale(("other",))
+    assert info.value.reason == "missing"
+    strict = StaleCache(name="users", max_staleness=300, store=store, hooks=[])
+    with pytest.raises(CacheMissError) as info:
+        await strict._stale(("jane.doe@example.com",))
+    assert info.value.reason == "expired"
+    assert info.value.age is not None and info.value.age > 300
+    await store.delete("users", ("jane.doe@example.com",))
+    assert await store.get("users", ("jane.doe@example.com",)) is None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_store_coalesces_and_serves_fresh_values(redis_client: Any) -> None:
+    """Coalescing and fresh_for work the same with the Redis store."""
+    source = Source()
+    source.gate = anyio.Event()
+    cache = StaleCache(name="hot", fresh_for=60, store=RedisStaleStore(redis_client), hooks=[])
+    get_item = fallback(cache, hooks=[])(source.fetch)
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(get_item, 3)
+        while cache.counts()["coalesced"] < 19:
+            await anyio.sleep(0.001)
+        source.gate.set()
+    assert source.calls == 1
+    assert (await get_item(3))["version"] == 1
+    assert source.calls == 1
+    assert cache.counts()["fresh"] == 1

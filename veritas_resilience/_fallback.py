@@ -1,0 +1,884 @@
+"""Graceful degradation: ordered fallback chains and a stale-if-error cache.
+
+A :class:`FallbackChain` tries the primary path, then each fallback step in order, and when every
+step has failed raises :class:`~veritas_resilience.ServiceUnavailableError` holding each step's
+error (chained from an ``ExceptionGroup`` of them, so tracebacks show all of them). This is the
+source guide's ``GracefulDegradation.processRequest`` in one line::
+
+    process_request = fallback(degraded_response, cached_response, name="requests")(primary)
+
+Each step may name the errors it handles (every ``Exception`` by default, an open breaker's
+:class:`~veritas_resilience.CircuitOpenError` and timeouts among them); a step that does not
+handle the error that reached it is skipped. Cancellation, ``KeyboardInterrupt`` and
+``SystemExit`` are never handled by any step: they pass through the chain untouched.
+
+A :class:`StaleCache` keeps the primary's last good result per call arguments and serves it,
+if it is not older than ``max_staleness``, as the chain's last step. It also coalesces
+concurrent calls with the same arguments into one call of the primary. Its values live in a
+bounded in-memory store by default, or in Redis
+(:class:`~veritas_resilience.RedisStaleStore`) to be shared between processes.
+
+Which step served a result is counted (``veritas_fallback_total{name,step,outcome}``) and can be
+read by the caller with :func:`track_fallbacks`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import sys
+import threading
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Hashable,
+    Iterator,
+    Sequence,
+)
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, ParamSpec, TypeVar
+
+import anyio
+
+from . import _hooks
+from ._cache import MemoryStaleStore, StaleStore, default_key
+from ._clock import MONOTONIC, Clock
+from ._redis_store import RedisStaleStore
+from .circuit_breaker import ExceptionMatcher, Seconds, _matcher, _seconds
+from .errors import ResilienceError, ServiceUnavailableError
+from .events import Event, Hook
+from .instrumentation.prometheus import HistogramValue, define_metric
+from .instrumentation.structlog import LOGGED_EVENTS, error_fields
+from .limits import _name, _require_async
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
+__all__ = [
+    "CacheMissError",
+    "FallbackChain",
+    "FallbackExhausted",
+    "FallbackServed",
+    "FallbackStep",
+    "FallbackTracker",
+    "FallbackUse",
+    "MemoryStaleStore",
+    "RedisStaleStore",
+    "StaleCache",
+    "StaleStore",
+    "StaleStoreFailed",
+    "StaleValueServed",
+    "fallback",
+    "track_fallbacks",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_PRIMARY = "primary"
+"""The step name of the decorated (primary) function in metrics, events and errors."""
+
+define_metric(
+    "veritas_fallback",
+    "counter",
+    "Steps of a fallback chain by outcome: success (it served the result), failure, or skipped "
+    "(it does not handle the error that reached it).",
+    ("name", "step", "outcome"),
+)
+define_metric(
+    "veritas_stale_cache",
+    "counter",
+    "Stale-if-error cache operations by outcome: fresh (served without a call), stored, "
+    "coalesced (waited for another caller's call), stale (served after an error), miss, expired, "
+    "store_error.",
+    ("name", "outcome"),
+)
+
+_CACHE_OUTCOMES = ("fresh", "stored", "coalesced", "stale", "miss", "expired", "store_error")
+
+
+class CacheMissError(ResilienceError):
+    """A stale cache had no value for the call, or only one older than its ``max_staleness``.
+
+    Attributes:
+        name: The cache's name.
+        reason: ``"missing"`` or ``"expired"``.
+        age: The age in seconds of the value that was too old, else None.
+    """
+
+    def __init__(self, name: str, reason: str, age: float | None = None) -> None:
+        super().__init__(name, reason, age)
+        self.name = name
+        self.reason = reason
+        self.age = age
+
+    def __str__(self) -> str:
+        if self.age is None:
+            return f"stale cache {self.name!r} has no value for this call"
+        return f"stale cache {self.name!r} has only a value {self.age:.3f}s old ({self.reason})"
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackServed(Event):
+    """A fallback step (not the primary) served the result of a call.
+
+    Attributes:
+        step: The step's name.
+        index: Its position in the chain (1 for the first fallback; the primary is 0).
+        error: The error that reached this step (the previous step's).
+        age: For a stale cache step, the age in seconds of the value served; else None.
+    """
+
+    kind: ClassVar[str] = "fallback"
+    step: str
+    index: int
+    error: BaseException
+    age: float | None = None
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """An info line: the call was served degraded (never with the call's arguments)."""
+        fields: dict[str, Any] = {
+            "chain": self.name,
+            "step": self.step,
+            "index": self.index,
+            "error_type": type(self.error).__name__,
+        }
+        if self.age is not None:
+            fields["stale_age"] = round(self.age, 3)
+        return "info", "fallback_served", fields
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackExhausted(Event):
+    """Every step of a chain that ran failed; ServiceUnavailableError is raised.
+
+    Attributes:
+        steps: The names of the steps that ran, in order.
+        errors: Their errors, in the same order.
+    """
+
+    kind: ClassVar[str] = "fallback"
+    steps: tuple[str, ...]
+    errors: tuple[BaseException, ...]
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """An error line naming the steps and their error types."""
+        return (
+            "error",
+            "fallback_exhausted",
+            {
+                "chain": self.name,
+                "steps": list(self.steps),
+                "error_types": [type(e).__name__ for e in self.errors],
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaleValueServed(Event):
+    """A stale cache used as a decorator served a stored value after the call failed.
+
+    Attributes:
+        age: The value's age in seconds.
+        error: The call's error.
+    """
+
+    kind: ClassVar[str] = "stale_cache"
+    age: float
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """An info line: a stale value was served."""
+        return (
+            "info",
+            "stale_value_served",
+            {
+                "cache": self.name,
+                "age": round(self.age, 3),
+                "error_type": type(self.error).__name__,
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaleStoreFailed(Event):
+    """A stale cache's store failed to read or write (the call itself is not affected by writes).
+
+    Attributes:
+        operation: ``"get"`` or ``"set"``.
+        error: The store's exception.
+    """
+
+    kind: ClassVar[str] = "stale_cache"
+    operation: str
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """A warning line with the store's error (secrets redacted)."""
+        return (
+            "warning",
+            "stale_store_failed",
+            {"cache": self.name, "operation": self.operation, **error_fields(self.error)},
+        )
+
+
+LOGGED_EVENTS.update({FallbackServed, FallbackExhausted, StaleValueServed, StaleStoreFailed})
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackUse:
+    """One result served by a fallback step, as recorded by :func:`track_fallbacks`.
+
+    Attributes:
+        chain: The chain's (or, for a stale cache used as a decorator, the cache's) name.
+        step: The step that served the result.
+        index: The step's position (1 for the first fallback).
+        age: For stale values, their age in seconds; else None.
+    """
+
+    chain: str
+    step: str
+    index: int
+    age: float | None = None
+
+
+@dataclass(slots=True)
+class FallbackTracker:
+    """What :func:`track_fallbacks` records: every result a fallback step served in its block.
+
+    Attributes:
+        uses: The fallback results, in the order they were served (empty when every call was
+            served by its primary).
+    """
+
+    uses: list[FallbackUse] = field(default_factory=list)
+
+    @property
+    def degraded(self) -> bool:
+        """Whether any result in the block came from a fallback step."""
+        return bool(self.uses)
+
+    @property
+    def step(self) -> str | None:
+        """The step that served the last fallback result, or None if there was none."""
+        return self.uses[-1].step if self.uses else None
+
+    @property
+    def age(self) -> float | None:
+        """The age of the last fallback result if it was a stale value, else None."""
+        return self.uses[-1].age if self.uses else None
+
+
+_tracker: ContextVar[FallbackTracker | None] = ContextVar("veritas_fallback_tracker", default=None)
+
+
+@contextmanager
+def track_fallbacks() -> Generator[FallbackTracker, None, None]:
+    """Record which results in the block were served by a fallback step, and by which.
+
+    Results served by their primary cost nothing to track; only fallback results are recorded::
+
+        with track_fallbacks() as served:
+            order = await get_order(42)
+        if served.degraded:
+            response.headers["Warning"] = f'110 - "served by {served.step}"'
+
+    The tracker follows the context: calls in the block and tasks started from it record into
+    it. With nested chains, each chain that served from a fallback step adds a use.
+
+    Yields:
+        The :class:`FallbackTracker` that fills up during the block.
+    """
+    tracker = FallbackTracker()
+    token = _tracker.set(tracker)
+    try:
+        yield tracker
+    finally:
+        _tracker.reset(token)
+
+
+def _track(chain: str, step: str, index: int, age: float | None) -> None:
+    tracker = _tracker.get()
+    if tracker is not None:
+        tracker.uses.append(FallbackUse(chain, step, index, age))
+
+
+# -- stale-if-error cache -----------------------------------------------------------------------
+
+
+class _Flight:
+    """One call of the primary that concurrent callers with the same key wait for."""
+
+    __slots__ = ("error", "event", "ok", "result")
+
+    def __init__(self) -> None:
+        self.event: anyio.Event | None = None  # made only when a second caller arrives
+        self.ok = False
+        self.result: Any = None
+        self.error: Exception | None = None
+
+    async def wait(self) -> None:
+        if self.event is None:
+            self.event = anyio.Event()
+        await self.event.wait()
+
+    def finish(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+_cache_names = itertools.count(1)
+
+
+class StaleCache(_hooks.Instrumented):
+    """Remember the last good result of each call, and serve it when the source fails.
+
+    As the last step of a fallback chain it records every result of the chain's primary, keyed by
+    the call's arguments, and serves the stored one when the earlier steps have failed, if it is
+    not older than ``max_staleness``::
+
+        catalog_cache = StaleCache(name="catalog", max_staleness=600)
+
+        @fallback(catalog_cache)
+        async def get_product(product_id: int) -> Product: ...
+
+    Used directly as a decorator it does the same for one function: a failure is answered with
+    the stored value, or re-raised when there is none fresh enough.
+
+    Concurrent calls with the same key share one call of the primary (coalescing): a hundred
+    requests for a cold key make one query, and all get its result or its error. With
+    ``fresh_for`` set, a stored value younger than that is returned without calling at all.
+    Results are shared, not copied (the in-memory store keeps them by reference): treat them as
+    read-only.
+
+    Args:
+        name: Used in events, metric labels and as the store namespace; ``cache-N`` by default.
+        max_staleness: The oldest value (seconds > 0) that may be served after an error; values
+            are dropped from the store after it.
+        fresh_for: Seconds (>= 0, <= max_staleness) during which a stored value is served
+            without calling the primary at all; 0 (the default) always calls it.
+        max_size: The most values in the default in-memory store (1024 when None); give the
+            store its own bound when you pass ``store``.
+        key: Maps the call's arguments (``*args, **kwargs``) to a hashable key; by default the
+            arguments themselves, which must then be hashable.
+        store: Where values live; a bounded :class:`MemoryStaleStore` by default, or a
+            :class:`RedisStaleStore` shared by processes.
+        coalesce: Whether concurrent calls with one key share one call of the primary.
+        on: Which errors of the call make the decorator form serve a stale value (the chain
+            form uses its step's ``on``); every ``Exception`` by default.
+        clock: Time source for the in-memory store; ``FakeClock`` in tests.
+        hooks: Hooks for this cache only; the process-wide defaults when None.
+
+    Raises:
+        ValueError: If a setting is outside its allowed range (the message names it).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        max_staleness: Seconds = 300.0,
+        fresh_for: Seconds = 0.0,
+        max_size: int | None = None,
+        key: Callable[..., Hashable] | None = None,
+        store: StaleStore | None = None,
+        coalesce: bool = True,
+        on: ExceptionMatcher = Exception,
+        clock: Clock = MONOTONIC,
+        hooks: Sequence[Hook] | None = None,
+    ) -> None:
+        self._name = _name(name, "cache", _cache_names)
+        self._max_staleness = _seconds(max_staleness, "max_staleness")
+        self._fresh_for = _seconds(fresh_for, "fresh_for", allow_zero=True)
+        if self._fresh_for > self._max_staleness:
+            raise ValueError(
+                f"fresh_for must be <= max_staleness ({self._max_staleness!r}s), "
+                f"got {self._fresh_for!r}"
+            )
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the call's arguments, got {key!r}")
+        if store is None:
+            store = MemoryStaleStore(1024 if max_size is None else max_size, clock=clock)
+        elif max_size is not None:
+            raise ValueError("max_size sizes the default in-memory store; bound your store instead")
+        elif not isinstance(store, StaleStore):
+            raise TypeError(f"store must implement get/set/delete (StaleStore), got {store!r}")
+        self._keyfn = key
+        self._store = store
+        self._memory = store if type(store) is MemoryStaleStore else None
+        self._coalesce = bool(coalesce)
+        handles = _matcher(on, "on")
+        assert handles is not None
+        self._handles = handles
+        self._flights: dict[tuple[int, Hashable], _Flight] = {}
+        self._n = dict.fromkeys(_CACHE_OUTCOMES, 0)
+        self._init_hooks(hooks)
+
+    @property
+    def name(self) -> str:
+        """The cache's name."""
+        return self._name
+
+    @property
+    def max_staleness(self) -> float:
+        """The oldest value, in seconds, that may be served."""
+        return self._max_staleness
+
+    @property
+    def store(self) -> StaleStore:
+        """Where the values live."""
+        return self._store
+
+    def counts(self) -> dict[str, int]:
+        """Operations since creation, by outcome (the labels of ``veritas_stale_cache_total``)."""
+        return dict(self._n)
+
+    def __repr__(self) -> str:
+        return f"<StaleCache {self._name!r} max_staleness={self._max_staleness:g}s>"
+
+    def _on_hooks_changed(self) -> None:
+        hooks = self._hookset
+        self._w_served = hooks.wants(StaleValueServed)
+        self._w_store = hooks.wants(StaleStoreFailed)
+
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        if self._keyfn is None:
+            return default_key(args, kwargs)
+        key = self._keyfn(*args, **kwargs)
+        hash(key)  # fail here, before the call, rather than inside the store
+        return key
+
+    def _store_failed(self, operation: str, error: Exception) -> None:
+        self._n["store_error"] += 1
+        if self._w_store:
+            self._emit(StaleStoreFailed(name=self._name, operation=operation, error=error))
+
+    async def _record(self, key: Hashable, value: Any) -> None:
+        memory = self._memory
+        try:
+            if memory is not None:
+                memory.set_now(self._name, key, value, self._max_staleness)
+            else:
+                await self._store.set(self._name, key, value, self._max_staleness)
+        except Exception as exc:
+            # The call succeeded; failing to remember its result must not turn it into a failure.
+            self._store_failed("set", exc)
+            return
+        self._n["stored"] += 1
+
+    async def _lookup(self, key: Hashable) -> tuple[Any, float] | None:
+        memory = self._memory
+        if memory is not None:
+            return memory.get_now(self._name, key)
+        return await self._store.get(self._name, key)
+
+    async def _load(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """Call ``fn`` (coalesced with concurrent callers of ``key``) and remember its result."""
+        if self._fresh_for:
+            try:
+                hit = await self._lookup(key)
+            except Exception as exc:
+                self._store_failed("get", exc)
+                hit = None
+            if hit is not None and hit[1] <= self._fresh_for:
+                self._n["fresh"] += 1
+                return hit[0]  # type: ignore[no-any-return]
+        if not self._coalesce:
+            result = await fn(*args, **kwargs)
+            await self._record(key, result)
+            return result
+        flights = self._flights
+        flight_key = (threading.get_ident(), key)  # an anyio.Event belongs to one event loop
+        flight = flights.get(flight_key)
+        while flight is not None:
+            self._n["coalesced"] += 1
+            await flight.wait()
+            if flight.ok:
+                return flight.result  # type: ignore[no-any-return]
+            if flight.error is not None:
+                raise flight.error
+            # The caller that made the call was cancelled: make it again, maybe as the leader.
+            flight = flights.get(flight_key)
+        flight = flights[flight_key] = _Flight()
+        try:
+            result = await fn(*args, **kwargs)
+            flight.result, flight.ok = result, True
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            if flights.get(flight_key) is flight:
+                del flights[flight_key]
+            flight.finish()
+        await self._record(key, result)
+        return result
+
+    async def _stale(self, key: Hashable) -> tuple[Any, float]:
+        """The stored value for ``key`` and its age, or CacheMissError (or the store's error)."""
+        try:
+            hit = await self._lookup(key)
+        except Exception as exc:
+            self._store_failed("get", exc)
+            raise
+        if hit is None:
+            self._n["miss"] += 1
+            raise CacheMissError(self._name, "missing")
+        value, age = hit
+        if age > self._max_staleness:
+            self._n["expired"] += 1
+            raise CacheMissError(self._name, "expired", age)
+        self._n["stale"] += 1
+        return value, age
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        """Forget the value stored for a call with these arguments."""
+        await self._store.delete(self._name, self._key(args, kwargs))
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an ``async def`` function: remember its results, serve them when it fails."""
+        _require_async(fn, "StaleCache")
+        cache = self
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            key = cache._key(args, kwargs)
+            try:
+                return await cache._load(key, fn, args, kwargs)
+            except Exception as exc:
+                if not cache._handles(exc):
+                    raise
+                error = exc
+            hit: tuple[Any, float] | None = None
+            try:
+                hit = await cache._stale(key)
+            except Exception:  # a miss, or the store failed (counted and reported by _stale)
+                pass
+            if hit is None:
+                # Raised here, outside any except block, so no miss is chained to the error.
+                raise error
+            value, age = hit
+            _track(cache._name, "stale", 1, age)
+            if cache._w_served:
+                cache._emit(StaleValueServed(name=cache._name, age=age, error=error))
+            return value  # type: ignore[no-any-return]
+
+        wrapper.stale_cache = self  # type: ignore[attr-defined]
+        return wrapper
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        for outcome, count in self._n.items():
+            yield "veritas_stale_cache", (self._name, outcome), float(count)
+
+
+# -- fallback chains ----------------------------------------------------------------------------
+
+
+class FallbackStep:
+    """One alternative in a fallback chain: what to call, which errors it handles, its name.
+
+    Plain functions and :class:`StaleCache` objects given to a chain become steps with the
+    chain's defaults; wrap one in ``FallbackStep`` to set its own::
+
+        FallbackChain(
+            FallbackStep(read_replica, on=(ConnectionError, CircuitOpenError)),
+            FallbackStep(lambda *a, **kw: DEFAULT_MENU, name="static_menu"),
+        )
+
+    Args:
+        fn: Called with the call's arguments: an async function, a plain function (which should
+            not block: a constant or a computation), or a :class:`StaleCache`.
+        on: The errors this step handles (types or a predicate); when the error that reached
+            the step does not match, the step is skipped. Every ``Exception`` by default.
+        name: The step's label in metrics, events and errors; the function's (or cache's) name
+            by default.
+    """
+
+    __slots__ = ("_cache", "_call", "_fn", "_handles", "_is_async", "_name")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any] | StaleCache,
+        *,
+        on: ExceptionMatcher = Exception,
+        name: str | None = None,
+    ) -> None:
+        self._cache = fn if isinstance(fn, StaleCache) else None
+        if self._cache is None and not callable(fn):
+            raise TypeError(f"a fallback step must be callable or a StaleCache, got {fn!r}")
+        self._fn = fn
+        self._call: Callable[..., Any] = fn
+        self._is_async = self._cache is None and inspect.iscoroutinefunction(fn)
+        handles = _matcher(on, "on")
+        assert handles is not None
+        self._handles = handles
+        if name is None:
+            name = fn.name if isinstance(fn, StaleCache) else getattr(fn, "__name__", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r} (for step {fn!r})")
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The step's name."""
+        return self._name
+
+    @property
+    def fn(self) -> Callable[..., Any] | StaleCache:
+        """What the step calls."""
+        return self._fn
+
+    def handles(self, error: BaseException) -> bool:
+        """Whether this step runs after ``error`` (never for cancellation or other exits)."""
+        return isinstance(error, Exception) and self._handles(error)
+
+    def __repr__(self) -> str:
+        return f"FallbackStep({self._name!r})"
+
+
+_chain_names = itertools.count(1)
+
+
+class FallbackChain(_hooks.Instrumented):
+    """An ordered chain of alternatives to a primary function.
+
+    Decorate the primary with the chain (or with :func:`fallback`, the same thing), or call
+    ``await chain.call(primary, ...)``::
+
+        @FallbackChain(degraded_response, cached_response, name="requests")
+        async def process_request(request: Request) -> Response: ...
+
+    The primary runs first. When it raises an ``Exception``, each step runs in order, with the
+    same arguments, until one returns; a step whose ``on`` does not match the error that reached
+    it (the previous step's) is skipped. When a step returns, its value is the result, counted
+    as ``veritas_fallback_total{step=...,outcome="success"}`` and visible through
+    :func:`track_fallbacks`. When every step that ran has failed,
+    :class:`~veritas_resilience.ServiceUnavailableError` is raised with every error; when no
+    step handles the primary's error at all, that error is raised unchanged.
+
+    A :class:`StaleCache` step (at most one) also records every result of the primary and
+    coalesces concurrent calls of the primary with equal arguments.
+
+    Args:
+        *steps: The fallbacks in order: functions, :class:`StaleCache` objects, or
+            :class:`FallbackStep` objects.
+        name: Used in errors, events and metric labels; ``fallback-N`` by default.
+        on: The errors handled by steps that are not :class:`FallbackStep` objects with their
+            own; every ``Exception`` by default.
+        hooks: Hooks for this chain only; the process-wide defaults when None.
+
+    Raises:
+        ValueError: With no steps, two steps of one name, or two stale caches.
+    """
+
+    def __init__(
+        self,
+        *steps: Callable[..., Any] | StaleCache | FallbackStep,
+        name: str | None = None,
+        on: ExceptionMatcher = Exception,
+        hooks: Sequence[Hook] | None = None,
+    ) -> None:
+        if not steps:
+            raise ValueError("steps: a fallback chain needs at least one fallback step")
+        self._name = _name(name, "fallback", _chain_names)
+        built = tuple(s if isinstance(s, FallbackStep) else FallbackStep(s, on=on) for s in steps)
+        names = [_PRIMARY, *(s.name for s in built)]
+        for step_name in names:
+            if names.count(step_name) > 1:
+                raise ValueError(
+                    f"steps: two steps are named {step_name!r} ({_PRIMARY!r} is the decorated "
+                    "function); name them with FallbackStep(fn, name=...)"
+                )
+        caches = [s._cache for s in built if s._cache is not None]
+        if len(caches) > 1:
+            raise ValueError("steps: a chain can hold at most one StaleCache")
+        self._steps = built
+        self._step_names = tuple(names)
+        self._cache = caches[0] if caches else None
+        n = len(names)
+        self._ok = [0] * n
+        self._failed = [0] * n
+        self._skipped = [0] * n
+        self._init_hooks(hooks)
+
+    @property
+    def name(self) -> str:
+        """The chain's name."""
+        return self._name
+
+    @property
+    def steps(self) -> tuple[FallbackStep, ...]:
+        """The fallback steps, in order (without the primary)."""
+        return self._steps
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        """Every step's name in order, ``"primary"`` first."""
+        return self._step_names
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per step name: how often it served, failed and was skipped since creation."""
+        return {
+            step: {"success": ok, "failure": failed, "skipped": skipped}
+            for step, ok, failed, skipped in zip(
+                self._step_names, self._ok, self._failed, self._skipped
+            )
+        }
+
+    def __repr__(self) -> str:
+        return f"<FallbackChain {self._name!r} {' -> '.join(self._step_names)}>"
+
+    def _on_hooks_changed(self) -> None:
+        hooks = self._hookset
+        self._w_served = hooks.wants(FallbackServed)
+        self._w_exhausted = hooks.wants(FallbackExhausted)
+
+    async def _fall_back(
+        self,
+        primary_error: Exception,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: Hashable | None,
+    ) -> Any:
+        """The primary failed: run the steps that handle the errors, in order."""
+        self._failed[0] += 1
+        errors: list[Exception] = [primary_error]
+        ran = [_PRIMARY]
+        error: Exception = primary_error
+        for index, step in enumerate(self._steps, 1):
+            if not step._handles(error):
+                self._skipped[index] += 1
+                continue
+            age: float | None = None
+            try:
+                cache = step._cache
+                if cache is not None:
+                    value, age = await cache._stale(
+                        cache._key(args, kwargs) if key is None else key
+                    )
+                else:
+                    value = step._call(*args, **kwargs)
+                    if step._is_async or inspect.isawaitable(value):
+                        value = await value
+            except Exception as exc:
+                self._failed[index] += 1
+                errors.append(exc)
+                ran.append(step._name)
+                error = exc
+                continue
+            self._ok[index] += 1
+            _track(self._name, step._name, index, age)
+            if self._w_served:
+                self._emit(
+                    FallbackServed(
+                        name=self._name, step=step._name, index=index, error=error, age=age
+                    )
+                )
+            return value
+        if len(errors) == 1:
+            # No step handles this kind of error: it is not a failure the chain is for.
+            raise primary_error
+        if self._w_exhausted:
+            self._emit(FallbackExhausted(name=self._name, steps=tuple(ran), errors=tuple(errors)))
+        raise ServiceUnavailableError(self._name, ran, errors) from ExceptionGroup(
+            f"every step of fallback chain {self._name!r} failed", errors
+        )
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` as the primary, falling back through the steps when it fails.
+
+        Raises:
+            ServiceUnavailableError: If every step that ran failed.
+        """
+        cache = self._cache
+        key = None if cache is None else cache._key(args, kwargs)
+        try:
+            if cache is None:
+                result = await fn(*args, **kwargs)
+            else:
+                result = await cache._load(key, fn, args, kwargs)
+        except Exception as exc:
+            return await self._fall_back(exc, args, kwargs, key)  # type: ignore[no-any-return]
+        self._ok[0] += 1
+        return result
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an ``async def`` primary function with the chain."""
+        _require_async(fn, "FallbackChain")
+        ok = self._ok
+        fall_back = self._fall_back
+        cache = self._cache
+
+        if cache is None:
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+                try:
+                    result = await fn(*args, **kwargs)
+                except Exception as exc:
+                    return await fall_back(exc, args, kwargs, None)  # type: ignore[no-any-return]
+                ok[0] += 1
+                return result
+
+        else:
+            load, make_key = cache._load, cache._key
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+                key = make_key(args, kwargs)
+                try:
+                    result = await load(key, fn, args, kwargs)
+                except Exception as exc:
+                    return await fall_back(exc, args, kwargs, key)  # type: ignore[no-any-return]
+                ok[0] += 1
+                return result
+
+        wrapper.fallback = self  # type: ignore[attr-defined]
+        return wrapper
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        name = self._name
+        for step, ok, failed, skipped in zip(
+            self._step_names, self._ok, self._failed, self._skipped
+        ):
+            yield "veritas_fallback", (name, step, "success"), float(ok)
+            yield "veritas_fallback", (name, step, "failure"), float(failed)
+            yield "veritas_fallback", (name, step, "skipped"), float(skipped)
+
+
+def fallback(
+    *steps: Callable[..., Any] | StaleCache | FallbackStep,
+    name: str | None = None,
+    on: ExceptionMatcher = Exception,
+    hooks: Sequence[Hook] | None = None,
+) -> FallbackChain:
+    """Decorate a primary function with an ordered chain of fallbacks.
+
+    ``@fallback(degraded, cached)`` is ``@FallbackChain(degraded, cached)``; see
+    :class:`FallbackChain` for the arguments::
+
+        stale = StaleCache(name="orders", max_staleness=300)
+
+        @fallback(orders_from_replica, stale, name="get_order")
+        async def get_order(order_id: int) -> Order: ...
+
+    Returns:
+        The chain, which decorates the primary.
+    """
+    return FallbackChain(*steps, name=name, on=on, hooks=hooks)

@@ -1,0 +1,187 @@
+"""Composition of policies in one fixed, documented order.
+
+Wrapping policies by hand invites the classic mistakes: a retry inside the breaker (the breaker
+counts one failure for many attempts, and the retry hammers an open breaker), a timeout around the
+retries (one deadline for all attempts, so the last attempt gets what is left), a fallback inside
+the retry (the retry never sees a failure). :class:`Pipeline` always nests them the same way,
+outermost first::
+
+    fallback  ─►  retry  ─►  circuit breaker  ─►  bulkhead  ─►  timeout  ─►  your function
+
+- **fallback** is outermost: it answers only when everything inside has given up.
+- **retry** wraps the breaker: every attempt is one call the breaker counts, and an open breaker
+  stops the retries (unless it reopens before the next wait).
+- **circuit breaker** wraps the bulkhead: an open breaker rejects at once, without queueing.
+- **bulkhead** wraps the timeout: time spent queueing for a slot is not charged to the call.
+- **timeout** is innermost: each attempt gets the full time, and each expiry is one failure for
+  the breaker and one retryable ``TimeoutError`` for the retry (counted once by each).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from ._fallback import FallbackChain, FallbackStep, StaleCache
+from .circuit_breaker import CircuitBreaker, Seconds
+from .limits import Bulkhead, Timeout, _name, _require_async
+from .retry import Retry
+
+__all__ = ["ORDER", "Pipeline"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ORDER = ("fallback", "retry", "circuit_breaker", "bulkhead", "timeout")
+"""The order policies are applied in, outermost first."""
+
+_pipeline_names = itertools.count(1)
+
+
+class Pipeline:
+    """Policies composed in the one safe order: fallback, retry, breaker, bulkhead, timeout.
+
+    Give it the policies you want (any subset), then decorate functions with it or call through
+    it. The same pipeline, and so the same breaker, bulkhead and budget, can guard several
+    functions of one dependency::
+
+        orders = Pipeline(
+            name="orders-db",
+            fallback=FallbackChain(orders_from_cache, name="orders"),
+            retry=Retry(on=(ConnectionError, TimeoutError), attempts=3),
+            breaker=CircuitBreaker(name="orders-db", failure_threshold=5, reset_timeout=30),
+            timeout=2.0,
+        )
+
+        @orders
+        async def load_order(order_id: int) -> Order: ...
+
+        assert orders.describe() == ["fallback", "retry", "circuit_breaker", "timeout"]
+
+    Args:
+        name: Names the policies built here from shorthands (``timeout=2.0``, ``bulkhead=10``,
+            ``fallback=[...]``); ``pipeline-N`` by default.
+        fallback: A :class:`~veritas_resilience.FallbackChain`, or a sequence of steps
+            to build one from.
+        retry: A :class:`~veritas_resilience.retry.Retry`.
+        breaker: A :class:`~veritas_resilience.CircuitBreaker`.
+        bulkhead: A :class:`~veritas_resilience.limits.Bulkhead`, or its ``max_concurrent``.
+        timeout: A :class:`~veritas_resilience.limits.Timeout`, or its seconds.
+
+    Raises:
+        TypeError: If a policy is of the wrong type.
+        ValueError: If a shorthand value is out of range, or no policy is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        fallback: FallbackChain
+        | Sequence[Callable[..., Any] | StaleCache | FallbackStep]
+        | None = None,
+        retry: Retry | None = None,
+        breaker: CircuitBreaker | None = None,
+        bulkhead: Bulkhead | int | None = None,
+        timeout: Timeout | Seconds | None = None,
+    ) -> None:
+        self._name = _name(name, "pipeline", _pipeline_names)
+        if fallback is not None and not isinstance(fallback, FallbackChain):
+            if not isinstance(fallback, (list, tuple)):
+                raise TypeError(
+                    f"fallback must be a FallbackChain or a list of steps, got {fallback!r}"
+                )
+            fallback = FallbackChain(*fallback, name=self._name)
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry, got {retry!r}")
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, got {breaker!r}")
+        if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
+            bulkhead = Bulkhead(bulkhead, name=self._name)
+        if timeout is not None and not isinstance(timeout, Timeout):
+            timeout = Timeout(timeout, name=self._name)
+        policies: list[tuple[str, Any]] = [
+            (kind, policy)
+            for kind, policy in zip(ORDER, (fallback, retry, breaker, bulkhead, timeout))
+            if policy is not None
+        ]
+        if not policies:
+            raise ValueError("a pipeline needs at least one policy (fallback, retry, breaker, ...)")
+        self._policies = tuple(policies)
+        self._fallback = fallback
+        self._retry = retry
+        self._breaker = breaker
+        self._bulkhead = bulkhead
+        self._timeout = timeout
+        self._wrapped: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def name(self) -> str:
+        """The pipeline's name."""
+        return self._name
+
+    @property
+    def fallback(self) -> FallbackChain | None:
+        """The fallback chain, if any."""
+        return self._fallback
+
+    @property
+    def retry(self) -> Retry | None:
+        """The retry policy, if any."""
+        return self._retry
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The circuit breaker, if any."""
+        return self._breaker
+
+    @property
+    def bulkhead(self) -> Bulkhead | None:
+        """The bulkhead, if any."""
+        return self._bulkhead
+
+    @property
+    def timeout(self) -> Timeout | None:
+        """The timeout policy, if any."""
+        return self._timeout
+
+    @property
+    def policies(self) -> tuple[tuple[str, Any], ...]:
+        """``(kind, policy)`` pairs in the order they apply, outermost first."""
+        return self._policies
+
+    def describe(self) -> list[str]:
+        """The kinds of policy applied, outermost first, e.g. ``["retry", "circuit_breaker"]``.
+
+        The order is always a subsequence of fallback, retry, circuit_breaker, bulkhead, timeout.
+        """
+        return [kind for kind, _ in self._policies]
+
+    def __repr__(self) -> str:
+        inner = " -> ".join(f"{kind}({policy.name})" for kind, policy in self._policies)
+        return f"<Pipeline {self._name!r}: {inner}>"
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an ``async def`` function with every policy, in order."""
+        _require_async(fn, "Pipeline")
+        wrapped: Callable[..., Any] = fn
+        # Innermost first: each policy's decorator wraps what the ones inside it built.
+        for _, policy in reversed(self._policies):
+            wrapped = policy(wrapped)
+        wrapped.pipeline = self  # type: ignore[attr-defined]
+        return wrapped
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` through every policy.
+
+        The policies' wrapper for ``fn`` is built on first use and kept while ``fn`` lives (a
+        bound method is a new object at each access: decorate the function instead).
+        """
+        wrapped = self._wrapped.get(fn)
+        if wrapped is None:
+            wrapped = self._wrapped[fn] = self(fn)
+        return await wrapped(*args, **kwargs)  # type: ignore[no-any-return]
