@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import types
+
+import pytest
 
 import veritas_resilience
 import veritas_resilience.testing
@@ -33,6 +36,18 @@ def test_testing_all_lists_exactly_the_public_names() -> None:
     for name in module.__all__:
         assert getattr(module, name).__name__ == name
     assert _public_names(module) == set(module.__all__)
+
+
+@pytest.mark.parametrize("name", ["veritas_resilience.postgres", "veritas_resilience.redis"])
+def test_integration_packages_list_exactly_their_public_names(name: str) -> None:
+    """The PostgreSQL and Redis packages export exactly their sorted __all__, all documented."""
+    module = importlib.import_module(name)
+    assert sorted(module.__all__) == module.__all__
+    assert set(module.__all__) == _public_names(module)
+    for attr in module.__all__:
+        obj = getattr(module, attr)
+        if callable(obj):
+            assert (obj.__doc__ or "").strip(), f"{name}.{attr} has no docstring"
 
 
 def test_every_public_name_has_a_docstring() -> None:

@@ -118,7 +118,11 @@ class RedisSentinelStateChanged(Event):
         fields: dict[str, Any] = {"client": self.name, "sentinel": self.sentinel, "what": self.what}
         if self.error:
             fields["error"] = self.error
-        return ("info" if self.up else "warning", f"redis_sentinel_{'up' if self.up else 'down'}", fields)
+        return (
+            "info" if self.up else "warning",
+            f"redis_sentinel_{'up' if self.up else 'down'}",
+            fields,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
