@@ -1363,11 +1363,17 @@ class LocalRedisCluster(_Topology):
         def swapped() -> bool | None:
             if _role(replica.address, self._password) != "master":
                 return None
-            if (
-                self._server(master.address).running
-                and _role(master.address, self._password) != "slave"
-            ):
-                return None
+            if self._server(master.address).running:
+                if _role(master.address, self._password) != "slave":
+                    return None
+                # Gossip takes a moment: wait until every running node sees the old master as
+                # the new master's replica, so masters() and replicas_of() agree at once.
+                for server in self._cluster_nodes:
+                    if not server.running:
+                        continue
+                    seen = self._entry(self._view_of(server.address), master.address)
+                    if "slave" not in seen.flags or seen.master_id != replica.node_id:
+                        return None
             return self._healthy()
 
         _wait_until(
