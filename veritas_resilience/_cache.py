@@ -7,7 +7,7 @@ from collections.abc import Hashable
 from typing import Any, Protocol, runtime_checkable
 
 from ._clock import MONOTONIC, Clock
-from .circuit_breaker import _positive_int
+from ._validate import positive_int as _positive_int
 
 __all__ = ["MemoryStaleStore", "StaleStore", "default_key"]
 

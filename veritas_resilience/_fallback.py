@@ -49,7 +49,9 @@ from . import _hooks
 from ._cache import MemoryStaleStore, StaleStore, default_key
 from ._clock import MONOTONIC, Clock
 from ._redis_store import RedisStaleStore
-from .circuit_breaker import ExceptionMatcher, Seconds, _matcher, _seconds
+from ._validate import ExceptionMatcher, Seconds
+from ._validate import matcher as _matcher
+from ._validate import seconds as _seconds
 from .errors import ResilienceError, ServiceUnavailableError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric

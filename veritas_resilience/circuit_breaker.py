@@ -39,6 +39,10 @@ from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, overload
 
 from . import _hooks
 from ._clock import MONOTONIC, Clock
+from ._validate import ExceptionMatcher, Seconds
+from ._validate import matcher as _matcher
+from ._validate import positive_int as _positive_int
+from ._validate import seconds as _seconds
 from .errors import CircuitOpenError
 from .events import (
     BreakerCallCancelled,
@@ -64,13 +68,6 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-ExceptionMatcher: TypeAlias = (
-    "type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]"
-)
-"""Which exceptions a rule applies to: a type, a tuple of types, or a predicate."""
-
-Seconds: TypeAlias = "float | timedelta"
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -120,43 +117,6 @@ define_metric(
     "Half-open probes in flight.",
     ("name",),
 )
-
-
-def _seconds(value: Seconds, field: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number of seconds or a timedelta, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        allowed = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field} must be a finite number of seconds {allowed}, got {value!r}")
-    return value
-
-
-def _positive_int(value: int, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{field} must be >= 1, got {value!r}")
-    return value
-
-
-def _matcher(value: ExceptionMatcher | None, field: str) -> Callable[[BaseException], bool] | None:
-    if value is None:
-        return None
-    if isinstance(value, type) and issubclass(value, BaseException):
-        types: tuple[type[BaseException], ...] = (value,)
-    elif isinstance(value, tuple):
-        for item in value:
-            if not (isinstance(item, type) and issubclass(item, BaseException)):
-                raise TypeError(f"{field} must hold exception types, got {item!r}")
-        types = value
-    elif callable(value):
-        return value  # type: ignore[return-value]
-    else:
-        raise TypeError(f"{field} must be an exception type, a tuple of them, or a predicate")
-    return lambda exc: isinstance(exc, types)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeAlias, TypeVar
 import anyio
 
 from . import _hooks
-from .circuit_breaker import Seconds, _positive_int, _seconds
+from ._validate import Seconds
+from ._validate import positive_int as _positive_int
+from ._validate import seconds as _seconds
 from .errors import BulkheadFullError, ResilienceTimeoutError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric

@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from ._fallback import FallbackChain, FallbackStep, StaleCache
-from .circuit_breaker import CircuitBreaker, Seconds
+from ._validate import Seconds
+from .circuit_breaker import CircuitBreaker
 from .limits import Bulkhead, Timeout, _name, _require_async
 from .retry import Retry
 

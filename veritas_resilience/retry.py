@@ -43,7 +43,10 @@ from tenacity.wait import wait_base, wait_exponential_jitter, wait_none
 
 from . import _hooks
 from ._clock import MONOTONIC, Clock
-from .circuit_breaker import ExceptionMatcher, Seconds, _matcher, _positive_int, _seconds
+from ._validate import ExceptionMatcher, Seconds
+from ._validate import matcher as _matcher
+from ._validate import positive_int as _positive_int
+from ._validate import seconds as _seconds
 from .errors import CircuitOpenError, RetryBudgetExhaustedError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric

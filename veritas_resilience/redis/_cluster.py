@@ -26,7 +26,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._clock import MONOTONIC, Clock
-from ..circuit_breaker import CircuitBreaker, FailureRate, _positive_int, _seconds
+from .._validate import positive_int as _positive_int
+from .._validate import seconds as _seconds
+from ..circuit_breaker import CircuitBreaker, FailureRate
 from ..events import CircuitState, Hook
 from ..instrumentation.prometheus import HistogramValue
 from ..retry import RetryBudget

@@ -19,7 +19,9 @@ from typing import TypeVar
 
 from .. import _hooks
 from .._clock import MONOTONIC, Clock
-from ..circuit_breaker import DEFAULT_BUCKETS, CircuitBreaker, _positive_int, _seconds
+from .._validate import positive_int as _positive_int
+from .._validate import seconds as _seconds
+from ..circuit_breaker import DEFAULT_BUCKETS, CircuitBreaker
 from ..errors import CircuitOpenError, RetryBudgetExhaustedError
 from ..events import Hook
 from ..instrumentation.prometheus import HistogramValue, cumulative_buckets

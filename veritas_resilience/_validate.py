@@ -1,0 +1,58 @@
+"""Validation of settings, shared by every component: a bad value names its parameter and range."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeAlias
+
+__all__ = ["ExceptionMatcher", "Seconds", "matcher", "positive_int", "seconds"]
+
+ExceptionMatcher: TypeAlias = (
+    "type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]"
+)
+"""Which exceptions a rule applies to: a type, a tuple of types, or a predicate."""
+
+Seconds: TypeAlias = "float | timedelta"
+"""A duration: seconds as a number, or a ``timedelta``."""
+
+
+def seconds(value: Seconds, field: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` in seconds; raise if it is not a finite duration > 0 (>= 0 if allowed)."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number of seconds or a timedelta, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field} must be a finite number of seconds {allowed}, got {value!r}")
+    return value
+
+
+def positive_int(value: int, field: str) -> int:
+    """Return ``value``; raise if it is not an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{field} must be >= 1, got {value!r}")
+    return value
+
+
+def matcher(value: ExceptionMatcher | None, field: str) -> Callable[[BaseException], bool] | None:
+    """Turn exception types or a predicate into one predicate (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, type) and issubclass(value, BaseException):
+        types: tuple[type[BaseException], ...] = (value,)
+    elif isinstance(value, tuple):
+        for item in value:
+            if not (isinstance(item, type) and issubclass(item, BaseException)):
+                raise TypeError(f"{field} must hold exception types, got {item!r}")
+        types = value
+    elif callable(value):
+        return value  # type: ignore[return-value]
+    else:
+        raise TypeError(f"{field} must be an exception type, a tuple of them, or a predicate")
+    return lambda exc: isinstance(exc, types)
