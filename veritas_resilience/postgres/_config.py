@@ -10,7 +10,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 __all__ = ["Node", "NodeSpec", "Route", "nodes_from_dsn"]
 
 Route: TypeAlias = Literal["primary", "prefer_standby"]
-"""Where a read may go: only the primary, or a standby within the lag limit (else the primary)."""
+Route.__doc__ = (  # an alias has no docstring of its own; help() and doc tools read this one
+    "Where a read may go: only the primary (``'primary'``), or a standby within the lag limits, "
+    "else the primary (``'prefer_standby'``)."
+)
 
 _SCHEMES = ("postgresql", "postgres")
 # The client chooses nodes itself; a per-node DSN must not make asyncpg refuse or skip a node.

@@ -13,7 +13,8 @@ Every error the client raises on its own account derives from :class:`PostgresEr
     ├── ConnectionLostError               the connection died before COMMIT: rolled back
     ├── CommitOutcomeUnknownError         the connection died after COMMIT (or an autocommit
     │                                     write) was sent: it may or may not have committed
-    └── QueryTimeoutError                 a statement ran out of time (also a ``TimeoutError``)
+    ├── QueryTimeoutError                 a statement ran out of time (also a ``TimeoutError``)
+    └── AcquireTimeoutError               no pooled connection became free in time
 
 SQL errors that say nothing about the topology (a unique violation, a syntax error, a
 serialization failure) are the caller's business and pass through as asyncpg raised them.
@@ -33,6 +34,7 @@ import asyncpg
 from ..errors import ResilienceError
 
 __all__ = [
+    "AcquireTimeoutError",
     "CommitOutcomeUnknownError",
     "ConnectionLostError",
     "NoPrimaryError",
@@ -200,6 +202,25 @@ class QueryTimeoutError(PostgresError, TimeoutError):
         self.timeout = timeout
 
 
+class AcquireTimeoutError(PostgresError, TimeoutError):
+    """No pooled connection to the node became free within ``acquire_timeout``.
+
+    The pool is full of calls that hold their connections; nothing was sent. Also a built-in
+    :class:`TimeoutError`.
+
+    Attributes:
+        timeout: The limit, in seconds.
+    """
+
+    def __init__(self, *, client: str, node: str, timeout: float) -> None:
+        super().__init__(
+            f"{client}: no free connection to {node} within {timeout:g}s",
+            client=client,
+            node=node,
+        )
+        self.timeout = timeout
+
+
 class Kind(str, enum.Enum):
     """What an exception from a node means for routing (internal; also a metric label)."""
 
@@ -237,6 +258,21 @@ def classify(exc: BaseException) -> Kind:
     if isinstance(exc, asyncpg.exceptions.TooManyConnectionsError):
         return Kind.CONNECT
     return Kind.SQL
+
+
+def sent_nothing(exc: BaseException) -> bool:
+    """Whether asyncpg raised ``exc`` before it wrote anything of the statement to the socket.
+
+    A pooled connection whose server went away while it sat idle (a FATAL 57P01 already read,
+    or the socket already closed) fails this way when it is used: the statement never left the
+    client, so running it again elsewhere is safe whatever it does.
+    """
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return str(exc).startswith("cannot switch to state")
+    if isinstance(exc, asyncpg.InterfaceError):
+        text = str(exc)
+        return text == "connection is closed" or "released back to the pool" in text
+    return False
 
 
 def _is_closed_error(exc: BaseException) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -17,7 +19,15 @@ from ._config import Node
 from ._errors import NodeFencedError
 from ._topology import NodeState, Observation
 
-__all__ = ["NodeConnection", "NodeRuntime", "ConnectSettings"]
+__all__ = [
+    "AcquireExpired",
+    "AcquireGuard",
+    "ConnectSettings",
+    "NodeRuntime",
+    "RoleMismatch",
+    "is_closed",
+    "terminate",
+]
 
 # One round trip says everything the topology needs. The timeline of a primary comes from its
 # current WAL file name, which is exact even before the first checkpoint after a promotion; a
@@ -39,20 +49,12 @@ SELECT pg_is_in_recovery() AS in_recovery,
 """
 
 
-class NodeConnection(asyncpg.Connection):  # type: ignore[type-arg]
-    """The connection class of the client's pools: remembers the node generation it was made in."""
-
-    __slots__ = ("_vr_generation",)
-
-    _vr_generation: int
-
-
 @dataclass(frozen=True, slots=True)
 class ConnectSettings:
     """How every connection to a node is made (shared by all nodes of a client)."""
 
     user: str | None
-    password: str | None
+    password: str | None = field(repr=False)
     database: str | None
     ssl: Any
     server_settings: Mapping[str, str]
@@ -61,6 +63,92 @@ class ConnectSettings:
     command_timeout: float
     tcp_keepalive: bool
     tcp_user_timeout: float | None
+
+
+class AcquireExpired(Exception):
+    """A wait for a pooled connection outlived ``acquire_timeout`` (internal)."""
+
+
+class AcquireGuard:
+    """Bounds waits for a pooled connection, without a timer per wait.
+
+    ``asyncio.timeout()`` around every acquire costs more than the rest of the client's overhead
+    put together (a timer handle scheduled and cancelled each time), and a queue of our own in
+    front of the pool's adds a second wait and wake-up to every call. Instead, calls wait in the
+    pool as usual and register their wait here. Waits all have the same limit, so their
+    deadlines come in order: one watchdog task, alive only while someone waits, sleeps until the
+    oldest deadline and cancels the waits that outlived it (the cancellation is then undone and
+    turned into :class:`AcquireExpired`).
+
+    The client inlines :meth:`acquire` (``enter``, ``expired``, ``leave``) on every call's path.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.entries: deque[list[Any]] = deque()
+        """One ``[deadline, task (None once served), expired]`` per wait, oldest first."""
+        self.watchdog: asyncio.Task[None] | None = None
+
+    async def acquire(self, pool: asyncpg.Pool[Any]) -> Any:
+        """``await pool.acquire()``, raising :class:`AcquireExpired` after ``timeout``."""
+        entry = self.enter()
+        try:
+            return await pool.acquire()
+        except asyncio.CancelledError:
+            if self.expired(entry):
+                raise AcquireExpired() from None
+            raise
+        finally:
+            self.leave(entry)
+
+    def enter(self) -> list[Any]:
+        """Register the current task's wait; call :meth:`leave` once it is over."""
+        entry = [time.monotonic() + self.timeout, asyncio.current_task(), False]
+        self.entries.append(entry)
+        if self.watchdog is None:
+            self.watchdog = asyncio.get_running_loop().create_task(self._watch())
+        return entry
+
+    def leave(self, entry: list[Any]) -> None:
+        """The wait is over: forget it, and the finished ones ahead of it."""
+        entry[1] = None
+        # Waits are served in order, so finished ones are at the front: drop them now rather
+        # than let thousands pile up until the watchdog wakes (the collector would scan them).
+        entries = self.entries
+        while entries and entries[0][1] is None:
+            entries.popleft()
+
+    @staticmethod
+    def expired(entry: list[Any]) -> bool:
+        """After a cancellation: whether the watchdog caused it (then it is undone)."""
+        if not entry[2]:
+            return False
+        task = entry[1]
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
+        return True
+
+    async def _watch(self) -> None:
+        entries = self.entries
+        try:
+            while True:
+                now = time.monotonic()
+                while entries and (entries[0][1] is None or entries[0][0] <= now):
+                    entry = entries.popleft()
+                    task = entry[1]
+                    if task is not None:
+                        entry[2] = True
+                        task.cancel()
+                if not entries:
+                    return
+                await asyncio.sleep(entries[0][0] - now)
+        finally:
+            self.watchdog = None
+
+    def close(self) -> None:
+        """Stop the watchdog."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
 
 
 class NodeRuntime:
@@ -75,6 +163,7 @@ class NodeRuntime:
         *,
         client: str,
         max_size: int,
+        acquire_timeout: float,
         on_role_mismatch: Callable[[NodeRuntime], None],
     ) -> None:
         self.spec = spec
@@ -84,16 +173,15 @@ class NodeRuntime:
         self.settings = settings
         self.client = client
         self.max_size = max_size
-        self.pool: asyncpg.Pool[Any] | None = None
+        self.guard = AcquireGuard(acquire_timeout)
         self.in_use = 0
         """Calls that are acquiring or holding one of this node's pooled connections."""
-        self.active: set[Any] = set()
-        """Connections handed out right now (terminated at once when the node is fenced)."""
+        self.pool: asyncpg.Pool[Any] | None = None
         self.synced_generation = state.generation
         self.monitor_conn: asyncpg.Connection[Any] | None = None
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.promoting = False
+        self._pool_options: dict[str, Any] = {}
         self._on_role_mismatch = on_role_mismatch
 
     # -- connections ---------------------------------------------------------------------------
@@ -124,7 +212,8 @@ class NodeRuntime:
                 kwargs["database"] = s.database
         # asyncpg's timeout covers its whole host walk (name lookup included); with one host it
         # is this node's own, which is the point: a silent node cannot eat the others' budget.
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(
+        connect: Any = asyncpg.connect  # typed overloads do not take a kwargs dict
+        conn: asyncpg.Connection[Any] = await connect(
             timeout=s.connect_timeout,
             command_timeout=s.command_timeout if command_timeout is None else command_timeout,
             server_settings=dict(s.server_settings),
@@ -136,13 +225,13 @@ class NodeRuntime:
         return conn
 
     async def pool_connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection[Any]:
-        """The ``connect=`` hook of this node's pool: per-node timeout, role check, tagging."""
+        """The ``connect=`` hook of this node's pool: per-node timeout and role check."""
         state = self.state
         if state.fenced is not None:
             raise NodeFencedError(client=self.client, node=self.name, reason=state.fenced)
         generation = state.generation
         conn = await self.connect(
-            connection_class=kwargs.get("connection_class", NodeConnection),
+            connection_class=kwargs.get("connection_class", asyncpg.Connection),
             record_class=kwargs.get("record_class"),
         )
         try:
@@ -151,14 +240,18 @@ class NodeRuntime:
             try:
                 hot = "on" if await conn.fetchval("SELECT pg_is_in_recovery()") else "off"
             except BaseException:
-                conn.terminate()
+                terminate(conn)
                 raise
         if state.role == "primary" and hot == "on":
             # The node went into recovery since the last probe: not a connection for writes.
-            conn.terminate()
+            terminate(conn)
             self._on_role_mismatch(self)
             raise RoleMismatch(self.name)
-        conn._vr_generation = generation  # type: ignore[attr-defined]
+        if state.generation != generation:
+            # The node changed while this connection was being made: it may belong to the old
+            # state (asyncpg would keep it, as its pool generation was read before connecting).
+            terminate(conn)
+            raise RoleMismatch(self.name)
         return conn
 
     async def start_pool(
@@ -171,35 +264,45 @@ class NodeRuntime:
         record_class: type[Any] | None,
     ) -> None:
         """Create the node's pool; it opens no connection until one is needed."""
-        kwargs: dict[str, Any] = {}
+        options: dict[str, Any] = {
+            # min_size stays 0: asyncpg would keep reconnecting a dead node in the background
+            # (and log each failure); the client warms the pools of live nodes itself.
+            "min_size": 0,
+            "max_size": self.max_size,
+            "max_queries": max_queries,
+            "max_inactive_connection_lifetime": max_inactive_connection_lifetime,
+            "connect": self.pool_connect,
+            "init": init,
+            "setup": setup,
+        }
         if record_class is not None:
-            kwargs["record_class"] = record_class
-        # min_size stays 0: asyncpg would keep reconnecting a dead node in the background (and
-        # log each failure); the client warms the pools of live nodes itself.
-        pool: asyncpg.Pool[Any] = asyncpg.create_pool(
-            min_size=0,
-            max_size=self.max_size,
-            max_queries=max_queries,
-            max_inactive_connection_lifetime=max_inactive_connection_lifetime,
-            connect=self.pool_connect,
-            init=init,
-            setup=setup,
-            connection_class=NodeConnection,
-            **kwargs,
-        )
+            options["record_class"] = record_class
+        self._pool_options = options
+        self.pool = await self._new_pool()
+
+    async def _new_pool(self) -> asyncpg.Pool[Any]:
+        create_pool: Any = asyncpg.create_pool  # typed overloads do not take a kwargs dict
+        pool: asyncpg.Pool[Any] = create_pool(**self._pool_options)
         await pool
-        self.pool = pool
+        return pool
 
     async def evict(self, *, terminate_active: bool) -> None:
-        """Make every pooled connection of this node be replaced (after a role change)."""
+        """Make every pooled connection of this node be replaced (after a role change).
+
+        Args:
+            terminate_active: Also kill the connections in use now (the node was fenced or
+                demoted): the pool is replaced by a new one and the old one terminated, which
+                costs nothing per call, unlike tracking the connections handed out.
+        """
         self.synced_generation = self.state.generation
         pool = self.pool
         if pool is None:
             return
-        await pool.expire_connections()
         if terminate_active:
-            for conn in list(self.active):
-                conn.terminate()
+            self.pool = await self._new_pool()
+            pool.terminate()
+        else:
+            await pool.expire_connections()
 
     # -- probing -------------------------------------------------------------------------------
 
@@ -219,7 +322,7 @@ class NodeRuntime:
             row = await conn.fetchrow(PROBE_SQL, timeout=timeout)
         except BaseException:
             if conn is not None:
-                conn.terminate()
+                terminate(conn)
             self.monitor_conn = None
             raise
         assert row is not None
@@ -235,13 +338,14 @@ class NodeRuntime:
         )
 
     async def promote(self, timeout: float) -> bool:
-        """Run ``pg_promote()`` on this node over its monitor connection."""
-        conn = self.monitor_conn
-        if conn is None or conn.is_closed():
-            conn = await self.connect(command_timeout=timeout + 5)
-            self.monitor_conn = conn
+        """Run ``pg_promote()`` on this node, over a connection of its own."""
         wait = max(1, int(timeout))
-        return bool(await conn.fetchval("SELECT pg_promote(true, $1)", wait, timeout=wait + 5))
+        # Not the monitor's connection: the probe loop keeps using that one meanwhile.
+        conn = await self.connect(command_timeout=wait + 5)
+        try:
+            return bool(await conn.fetchval("SELECT pg_promote(true, $1)", wait))
+        finally:
+            terminate(conn)
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -249,12 +353,11 @@ class NodeRuntime:
         """Close the pool and the monitor connection; terminate what does not close in time."""
         conn, self.monitor_conn = self.monitor_conn, None
         if conn is not None:
-            conn.terminate()
+            terminate(conn)
+        self.guard.close()
         pool, self.pool = self.pool, None
         if pool is None:
             return
-        for c in list(self.active):
-            c.terminate()
         try:
             await asyncio.wait_for(pool.close(), timeout)
         except (Exception, asyncio.CancelledError):
@@ -277,11 +380,29 @@ class NodeRuntime:
         return f"<NodeRuntime {self.name} {self.state!r}>"
 
 
+def terminate(conn: Any) -> None:
+    """Close a connection (or pooled proxy) at once; a no-op when it is already released or gone."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:
+        pass  # a pooled proxy whose connection already went back or died: nothing to close
+
+
+def is_closed(conn: Any) -> bool:
+    """Whether a connection (or pooled proxy) is closed; a released proxy counts as closed."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
+
+
 class RoleMismatch(Exception):
     """A new connection found the node in another role than the topology says (internal)."""
 
 
-def _tune_socket(conn: asyncpg.Connection[Any], keepalive: bool, user_timeout: float | None) -> None:
+def _tune_socket(
+    conn: asyncpg.Connection[Any], keepalive: bool, user_timeout: float | None
+) -> None:
     # asyncpg sets only TCP_NODELAY: a peer that vanishes without a FIN or RST (dead host,
     # dropped link) then goes unnoticed on an idle connection. Keepalive probes and
     # TCP_USER_TIMEOUT make the kernel give up on it.

@@ -250,8 +250,8 @@ class Topology:
 
     @property
     def all_down(self) -> bool:
-        """Whether every node has been probed and none is reachable."""
-        return all(n.reachable is False for n in self.nodes)
+        """Whether every node is down and its latest probe failed too (none is coming back)."""
+        return all(n.reachable is False and n.fail_streak > 0 for n in self.nodes)
 
     @property
     def probed(self) -> bool:
@@ -264,6 +264,12 @@ class Topology:
         if self._no_primary_since is not None:
             total += self._clock.monotonic() - self._no_primary_since
         return total
+
+    def no_primary_for(self) -> float:
+        """Seconds since the client last had a writable primary (0.0 while it has one)."""
+        if self._no_primary_since is None:
+            return 0.0
+        return self._clock.monotonic() - self._no_primary_since
 
     def status(self, node: NodeState) -> NodeStatus:
         """A snapshot of one node."""
@@ -481,9 +487,9 @@ class Topology:
             # Learn from a primary when one answers, else from the first node in order.
             known = [n for n in reachable if n.system_identifier is not None]
             primaries = [n for n in known if n.role == "primary"]
-            source = (primaries or known or [None])[0]
-            if source is not None:
-                self._learned_sysid = source.system_identifier
+            sources = primaries or known
+            if sources:
+                self._learned_sysid = sources[0].system_identifier
         return self._learned_sysid
 
     def _apply_fences(
@@ -579,13 +585,11 @@ class Topology:
                     self.version += 1
 
     def _over_limit(self, n: NodeState) -> bool:
-        if self._max_lag_bytes is not None:
-            if n.lag_bytes is None or n.lag_bytes > self._max_lag_bytes:
-                return True
-        if self._max_lag_seconds is not None:
-            if n.lag_seconds is None or n.lag_seconds > self._max_lag_seconds:
-                return True
-        return False
+        limit = self._max_lag_bytes
+        if limit is not None and (n.lag_bytes is None or n.lag_bytes > limit):
+            return True
+        seconds = self._max_lag_seconds
+        return seconds is not None and (n.lag_seconds is None or n.lag_seconds > seconds)
 
     def _lag_seconds(self, replayed: int, now: float) -> float | None:
         samples = self._samples

@@ -1,0 +1,94 @@
+"""Helpers shared by the PostgreSQL client's integration tests (not a test module)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+
+from veritas_resilience.events import Event
+from veritas_resilience.postgres import FailoverClient
+from veritas_resilience.testing._postgres import LocalPostgresCluster, PostgresNode
+
+T = TypeVar("T")
+
+# Fast enough that a whole failover takes a fraction of a second on loopback.
+FAST: dict[str, Any] = {
+    "monitor_interval": 0.2,
+    "fast_interval": 0.02,
+    "connect_timeout": 1.0,
+    "command_timeout": 2.0,
+    "probe_timeout": 0.5,
+    "failover_timeout": 10.0,
+    "release_timeout": 0.5,
+    "min_size": 1,
+    "max_size": 5,
+    "breaker_options": {"reset_timeout": 0.5},
+    "hooks": [],
+}
+
+
+class Recorder:
+    """A hook that keeps every event it is sent."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[T]) -> list[T]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+@asynccontextmanager
+async def client(nodes: Any, **options: Any) -> AsyncIterator[FailoverClient]:
+    """A started client with the fast test settings (overridable), closed afterwards."""
+    db = FailoverClient(nodes, **{**FAST, **options})
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    limit: float = 10.0,
+    what: str = "the condition",
+) -> float:
+    """Poll ``check`` until it is true; return how long that took, or fail after ``limit`` s."""
+    start = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > limit:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+async def query(cluster: LocalPostgresCluster, node: PostgresNode, sql: str) -> str:
+    """Run SQL through the kit (psql) without blocking the event loop."""
+    return await anyio.to_thread.run_sync(cluster.query, node, sql)
+
+
+async def run(fn: Callable[..., T], *args: Any) -> T:
+    """Run one of the kit's blocking operations in a worker thread."""
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def readable(db: FailoverClient, node: str) -> Callable[[], bool]:
+    """A check: the client routes reads to the node called ``node``."""
+    state = db._topology.nodes[[n.name for n in db.nodes].index(node)]
+    return lambda: state in db._topology.readable
+
+
+def name(node: PostgresNode) -> str:
+    """The client's name for a kit node."""
+    return f"{node.host}:{node.port}"
