@@ -11,7 +11,7 @@ import anyio
 
 from veritas_resilience.events import Event
 from veritas_resilience.postgres import FailoverClient
-from veritas_resilience.testing._postgres import LocalPostgresCluster, PostgresNode
+from veritas_resilience.testing import LocalPostgresCluster, PostgresNode
 
 T = TypeVar("T")
 

@@ -31,13 +31,10 @@ from veritas_resilience.postgres import (
     QueryTimeoutError,
     WriteToken,
 )
-from veritas_resilience.testing._postgres import LocalPostgresCluster, PostgresClusterFactory
-from veritas_resilience.testing._proxy import FaultProxyFactory
-
-# Until the pytest plugin exports them, the fixtures come from their module.
-from veritas_resilience.testing._pytest_postgres import (  # noqa: F401
-    fault_proxy_factory,
-    pg_cluster_factory,
+from veritas_resilience.testing import (
+    FaultProxyFactory,
+    LocalPostgresCluster,
+    PostgresClusterFactory,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -53,7 +50,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:  # noqa: F811
+def cluster(pg_cluster_factory: PostgresClusterFactory) -> LocalPostgresCluster:
     """One primary and one standby for the whole module, with the tables the tests use."""
     c = pg_cluster_factory(standbys=1)
     c.query(c.primary, "CREATE TABLE items (id bigint PRIMARY KEY, note text)")
@@ -308,7 +305,7 @@ async def test_a_lagging_standby_gets_no_reads_until_it_catches_up(
 
 async def test_frozen_link_mid_query_fails_within_command_timeout(
     cluster: LocalPostgresCluster,
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """A link that freezes mid-query gives an error within command_timeout, never a hang."""
     p = cluster.primary
@@ -342,7 +339,7 @@ async def test_frozen_link_mid_query_fails_within_command_timeout(
 
 async def test_frozen_link_while_idle_fails_within_command_timeout(
     cluster: LocalPostgresCluster,
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """Idle pooled connections on a link that froze: the next query errors in time, no hang."""
     p = cluster.primary
@@ -359,7 +356,7 @@ async def test_frozen_link_while_idle_fails_within_command_timeout(
 
 async def test_first_node_blackholed_the_next_one_answers_within_its_own_timeout(
     cluster: LocalPostgresCluster,
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """A silent first node costs nothing: the primary, listed second, serves at once."""
     p, s = cluster.primary, cluster.standbys[0]
@@ -377,7 +374,7 @@ async def test_first_node_blackholed_the_next_one_answers_within_its_own_timeout
 
 async def test_lost_commit_is_reported_as_outcome_unknown(
     cluster: LocalPostgresCluster,
-    fault_proxy_factory: FaultProxyFactory,  # noqa: F811
+    fault_proxy_factory: FaultProxyFactory,
 ) -> None:
     """COMMIT reaches the server but its answer is lost: CommitOutcomeUnknownError, no retry."""
     p = cluster.primary

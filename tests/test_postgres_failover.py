@@ -21,10 +21,7 @@ from veritas_resilience.postgres import (
     PostgresNodeFenced,
     PostgresPromotionAttempted,
 )
-from veritas_resilience.testing._postgres import LocalPostgresCluster, PostgresClusterFactory
-
-# Until the pytest plugin exports them, the fixtures come from their module.
-from veritas_resilience.testing._pytest_postgres import pg_cluster_factory  # noqa: F401
+from veritas_resilience.testing import LocalPostgresCluster, PostgresClusterFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -52,7 +49,7 @@ async def ids_on(cluster: LocalPostgresCluster, node: object) -> set[int]:
 
 
 async def test_crash_of_the_primary_under_100_writers(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """Crash + promotion with 100 concurrent writers: no write is ever sent to a standby, writes
     resume on the new primary, and every acknowledged write survives (synchronous standby)."""
@@ -97,7 +94,7 @@ async def test_crash_of_the_primary_under_100_writers(
 
 
 async def test_clean_switchover_then_old_primary_serves_reads_after_rewind(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """Switchover (fast stop, promote, pg_rewind): idempotent writers and readers see no error,
     and the rewound old primary serves reads without a single read-only error."""
@@ -150,7 +147,7 @@ async def test_clean_switchover_then_old_primary_serves_reads_after_rewind(
 
 
 async def test_promotion_while_the_old_primary_is_up_fences_it(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """A standby promoted next to a live primary wins on its higher timeline within one monitor
     interval; the old primary is fenced and gets no write that started after that."""
@@ -217,7 +214,7 @@ async def test_promotion_while_the_old_primary_is_up_fences_it(
 
 
 async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_writes(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """The crashed primary restarted by mistake as a primary (TL1 next to TL2) is fenced; even
     with the real primary down, no write goes to it."""
@@ -254,7 +251,7 @@ async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_wri
 
 
 async def test_all_nodes_down_fails_fast_with_the_breaker_open_then_recovers(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """A standby down: reads fall back to the primary. Everything down: calls fail at once with
     NoPrimaryError, the primary's breaker opens; when the nodes return, calls succeed again."""
@@ -298,7 +295,7 @@ async def test_all_nodes_down_fails_fast_with_the_breaker_open_then_recovers(
 
 
 async def test_auto_promote_promotes_the_standby_without_an_ha_manager(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """With auto_promote, the client promotes the standby itself once no primary is left."""
     cluster = await fresh(pg_cluster_factory)
@@ -320,7 +317,7 @@ async def test_auto_promote_promotes_the_standby_without_an_ha_manager(
 
 
 async def test_ten_failovers_in_a_row_leak_no_connection_and_no_task(
-    pg_cluster_factory: PostgresClusterFactory,  # noqa: F811
+    pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """Ten crash-and-promote cycles: each resumes writes quickly, pools stay bounded, and after
     close no task and no server connection of the client is left."""
