@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import anyio
 
-from veritas_resilience.events import Event
 from veritas_resilience.postgres import FailoverClient
 from veritas_resilience.testing import LocalPostgresCluster, PostgresNode
 
@@ -29,19 +28,6 @@ FAST: dict[str, Any] = {
     "breaker_options": {"reset_timeout": 0.5},
     "hooks": [],
 }
-
-
-class Recorder:
-    """A hook that keeps every event it is sent."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[T]) -> list[T]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 @asynccontextmanager

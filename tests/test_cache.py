@@ -16,7 +16,6 @@ import pytest
 
 from veritas_resilience import (
     CacheMissError,
-    Event,
     FallbackChain,
     MemoryStaleStore,
     RedisStaleStore,
@@ -28,22 +27,10 @@ from veritas_resilience import (
     track_fallbacks,
 )
 from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing import RecordingHook as Recorder
 from veritas_resilience.testing._ports import free_port
 
 pytestmark = pytest.mark.anyio
-
-
-class Recorder:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 class Source:

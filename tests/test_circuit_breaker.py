@@ -28,7 +28,7 @@ from veritas_resilience import (
     FailureRate,
     ResilienceError,
 )
-from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing import FakeClock, RecordingHook
 
 pytestmark = pytest.mark.anyio
 
@@ -37,17 +37,8 @@ class Boom(Exception):
     """The failure the fake dependency raises."""
 
 
-class Recorder:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
+class Recorder(RecordingHook):
+    """A recording hook that also lists state changes."""
 
     def transitions(self) -> list[tuple[str, str]]:
         return [(e.from_state.value, e.to_state.value) for e in self.of(BreakerStateChanged)]

@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from veritas_resilience import (
     CircuitBreaker,
-    Event,
     FallbackChain,
     FallbackExhausted,
     FallbackServed,
@@ -29,24 +28,12 @@ from veritas_resilience import (
 )
 from veritas_resilience.limits import Timeout
 from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing import RecordingHook as Recorder
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
-
-
-class Recorder:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 class LogCapture:

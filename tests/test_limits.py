@@ -19,29 +19,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from veritas_resilience import (
     BulkheadFullError,
-    Event,
     PrometheusHook,
     ResilienceError,
     ResilienceTimeoutError,
 )
 from veritas_resilience.limits import Bulkhead, BulkheadRejected, Timeout, TimeoutExpired
+from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
 
 SHORT = 0.05  # seconds: long enough for a fast call, short enough for a test that must expire
-
-
-class Recorder:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 def metric(registry: CollectorRegistry, line_start: str) -> float:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from _pg_support import Recorder, client, eventually, name, query, run
+from _pg_support import client, eventually, name, query, run
 from prometheus_client import CollectorRegistry, generate_latest
 
 import veritas_resilience.postgres as vpg
@@ -36,6 +36,7 @@ from veritas_resilience.testing import (
     LocalPostgresCluster,
     PostgresClusterFactory,
 )
+from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 

@@ -11,7 +11,7 @@ import itertools
 import time
 
 import pytest
-from _pg_support import Recorder, client, eventually, name, query, readable, run
+from _pg_support import client, eventually, name, query, readable, run
 
 from veritas_resilience.postgres import (
     CommitOutcomeUnknownError,
@@ -22,6 +22,7 @@ from veritas_resilience.postgres import (
     PostgresPromotionAttempted,
 )
 from veritas_resilience.testing import LocalPostgresCluster, PostgresClusterFactory
+from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 

@@ -28,6 +28,7 @@ from veritas_resilience.redis import (
 )
 from veritas_resilience.redis._pool import FencedConnection
 from veritas_resilience.testing import LocalRedisSentinel
+from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.integration
 
@@ -47,19 +48,6 @@ def kit() -> Iterator[LocalRedisSentinel]:
     """One topology for the module, with different passwords for data nodes and Sentinels."""
     with LocalRedisSentinel(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD) as topology:
         yield topology
-
-
-class Recorder:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 @pytest.fixture

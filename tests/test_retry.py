@@ -14,7 +14,6 @@ from tenacity import stop_after_attempt, wait_fixed
 from veritas_resilience import (
     CircuitBreaker,
     CircuitOpenError,
-    Event,
     PrometheusHook,
     RetryBudgetExhaustedError,
     StructlogHook,
@@ -29,21 +28,9 @@ from veritas_resilience.retry import (
     set_testing,
 )
 from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
-
-
-class Recorder:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 class LogCapture:

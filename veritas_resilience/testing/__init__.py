@@ -1,6 +1,7 @@
 """Tools for testing code that uses veritas-resilience, and for testing the library itself.
 
 - :class:`FakeClock` makes time-based behaviour instant and exact.
+- :class:`RecordingHook` keeps the events a component sends, for assertions.
 - :class:`LocalPostgresCluster` starts a real PostgreSQL primary and streaming standbys on
   loopback ports in a temporary folder (as an unprivileged user when run as root), with methods to
   crash, promote, rewind and split-brain them.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._clock import FakeClock as FakeClock
+from ._hooks import RecordingHook as RecordingHook
 
 if TYPE_CHECKING:
     from ._ports import free_port as free_port
@@ -40,6 +42,7 @@ __all__ = [
     "PostgresClusterFactory",
     "PostgresNode",
     "PostgresQueryError",
+    "RecordingHook",
     "free_port",
 ]
 
