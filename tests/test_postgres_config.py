@@ -121,5 +121,6 @@ def test_client_repr_names_nodes_without_secrets() -> None:
     )
     text = repr(client)
     assert "db1:5432" in text and "db2:5432" in text and SECRET not in text
+    assert SECRET not in repr(client._connect) + repr(client._runtimes)
     assert client.nodes[0].name == "db1:5432"
     assert client.primary is None

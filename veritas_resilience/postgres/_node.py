@@ -49,7 +49,7 @@ SELECT pg_is_in_recovery() AS in_recovery,
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectSettings:
     """How every connection to a node is made (shared by all nodes of a client)."""
 
