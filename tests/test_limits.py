@@ -107,10 +107,10 @@ async def test_timeout_inside_fail_after_of_same_length_never_hides_the_outer() 
     assert outer_caught or timeout.expired == 1
 
 
-async def test_task_cancel_on_asyncio_passes_through(anyio_backend: str) -> None:
+# asyncio only: Task.cancel() is asyncio's own API; trio uses cancel scopes (tested above).
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_task_cancel_on_asyncio_passes_through() -> None:
     """asyncio's Task.cancel() on a call under a timeout propagates as CancelledError."""
-    if anyio_backend != "asyncio":
-        return  # Task.cancel() is asyncio's own API; trio uses cancel scopes (tested above).
     timeout = Timeout(5, hooks=[])
     task = asyncio.create_task(timeout.call(never))
     await asyncio.sleep(0)
@@ -174,12 +174,10 @@ async def test_only_the_slow_calls_of_many_concurrent_ones_time_out() -> None:
     assert timeout.expired == 20
 
 
-async def test_timeout_bookkeeping_stays_small_with_out_of_order_completions(
-    anyio_backend: str,
-) -> None:
+# asyncio only: the shared deadline queue is the asyncio implementation; trio uses its scopes
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_timeout_bookkeeping_stays_small_with_out_of_order_completions() -> None:
     """One hung call does not make the asyncio deadline queue grow with each fast call."""
-    if anyio_backend != "asyncio":
-        return  # the shared deadline queue is the asyncio implementation; trio uses its scopes
     timeout = Timeout(5, hooks=[])
     release = anyio.Event()
     async with anyio.create_task_group() as tg:
