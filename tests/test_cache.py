@@ -3,11 +3,7 @@ Redis (a private redis-server on a free loopback port) under asyncio."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Hashable, Iterator
+from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
 import anyio
@@ -26,9 +22,8 @@ from veritas_resilience import (
     fallback,
     track_fallbacks,
 )
-from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing import FakeClock, LocalRedisSentinel
 from veritas_resilience.testing import RecordingHook as Recorder
-from veritas_resilience.testing._ports import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -336,56 +331,13 @@ def test_cache_rejects_bad_configuration() -> None:
 # -- Redis --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """A private, persistence-free redis-server on a free loopback port."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is required (apt-get install redis-server)"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                folder,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            import redis
-
-            client = redis.Redis(host="127.0.0.1", port=port)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(10)
-
-
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Any]:
-    """A redis.asyncio client on the private server, flushed before the test."""
+async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
+    """A redis.asyncio client on the kit's master, in a database of its own, flushed first."""
     from redis.asyncio import Redis
 
-    client = Redis.from_url(redis_url)
+    host, port = redis_sentinel.master
+    client = Redis(host=host, port=port, db=9)
     await client.flushdb()
     try:
         yield client

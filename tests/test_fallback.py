@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from _log_capture import LogCapture
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,16 +35,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
-
-
-class LogCapture:
-    """A structlog-like logger that keeps (level, message, fields)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda message, **fields: self.lines.append((level, message, fields))
 
 
 def fallback_metric(registry: CollectorRegistry, name: str, step: str, outcome: str) -> float:

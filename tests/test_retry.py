@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from _log_capture import LogCapture
 from prometheus_client import CollectorRegistry, generate_latest
 from tenacity import stop_after_attempt, wait_fixed
 
@@ -31,16 +32,6 @@ from veritas_resilience.testing import FakeClock
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
-
-
-class LogCapture:
-    """A structlog-like logger that keeps (level, message, fields)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda message, **fields: self.lines.append((level, message, fields))
 
 
 class Flaky:
