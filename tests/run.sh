@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it, on a fresh machine or a developer's:
 #   1. installs PostgreSQL 15 and Redis 7 server binaries if they are missing (needs root/apt);
-#   2. builds .venv and installs the package with its test, lint and typing extras;
+#   2. builds .venv and installs the package with its test, lint and typing extras, compiling the
+#      breaker's C fast path (required here: the tests run it and the pure-Python path both);
 #   3. runs ruff (lint + format check), mypy --strict, then pytest (pytest args pass through).
 # The tests start their own servers on free loopback ports; nothing else is started here.
 set -euo pipefail
@@ -35,6 +36,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+export VERITAS_RESILIENCE_REQUIRE_EXTENSIONS=1
 .venv/bin/python -m pip install -q -e '.[dev]'
 
 echo "== ruff"

@@ -30,7 +30,7 @@ from veritas_resilience import (
 )
 from veritas_resilience.testing import FakeClock, RecordingHook
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("breaker_impl")]
 
 
 class Boom(Exception):

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from veritas_resilience import CircuitBreaker, CircuitOpenError, CircuitState
+from veritas_resilience import CircuitBreaker, CircuitOpenError, CircuitState, circuit_breaker
 from veritas_resilience.testing import FakeClock
 
 RESET = 10.0
@@ -127,20 +127,31 @@ async def _body(outcome: list[str]) -> str:
 class BreakerMachine(RuleBasedStateMachine):
     calls = Bundle("calls")
     threshold, successes, max_probes = 3, 2, 2
+    #: "call": breaker.call(fn, ...); "decorator": the decorated function.
+    form = "call"
+    #: Run in pure Python even when the compiled fast path is built.
+    pure_python = False
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock(0.0)
-        self.breaker = CircuitBreaker(
-            name="model",
-            failure_threshold=self.threshold,
-            reset_timeout=RESET,
-            success_threshold=self.successes,
-            half_open_max_calls=self.max_probes,
-            ignore_on=KeyError,
-            clock=self.clock,
-            hooks=[],
-        )
+        compiled = circuit_breaker._speedups
+        if self.pure_python:
+            circuit_breaker._speedups = None
+        try:
+            self.breaker = CircuitBreaker(
+                name="model",
+                failure_threshold=self.threshold,
+                reset_timeout=RESET,
+                success_threshold=self.successes,
+                half_open_max_calls=self.max_probes,
+                ignore_on=KeyError,
+                clock=self.clock,
+                hooks=[],
+            )
+            self.guarded = self.breaker(_body)
+        finally:
+            circuit_breaker._speedups = compiled
         self.model = Model(self.threshold, self.successes, self.max_probes)
 
     @initialize(target=calls)
@@ -151,7 +162,8 @@ class BreakerMachine(RuleBasedStateMachine):
     @rule(target=calls)
     def start(self) -> _Call:
         outcome = ["success"]
-        coro = self.breaker.call(_body, outcome)
+        if_call = self.form == "call"
+        coro = self.breaker.call(_body, outcome) if if_call else self.guarded(outcome)
         permit = self.model.admit()
         try:
             coro.send(None)
@@ -213,7 +225,33 @@ class QuickTripMachine(BreakerMachine):
     threshold, successes, max_probes = 1, 1, 1
 
 
+class DecoratorMachine(BreakerMachine):
+    """The same rules through the decorated function (compiled when built)."""
+
+    form = "decorator"
+
+
+class PurePythonMachine(BreakerMachine):
+    """The same rules through the pure-Python decorator."""
+
+    form, pure_python = "decorator", True
+
+
+class PurePythonQuickTripMachine(QuickTripMachine):
+    """The quick-trip rules through the pure-Python call()."""
+
+    pure_python = True
+
+
 TestBreakerModel = BreakerMachine.TestCase
 TestBreakerModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestQuickTripModel = QuickTripMachine.TestCase
 TestQuickTripModel.settings = settings(max_examples=600, stateful_step_count=30, deadline=None)
+TestDecoratorModel = DecoratorMachine.TestCase
+TestDecoratorModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestPurePythonModel = PurePythonMachine.TestCase
+TestPurePythonModel.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestPurePythonQuickTripModel = PurePythonQuickTripMachine.TestCase
+TestPurePythonQuickTripModel.settings = settings(
+    max_examples=300, stateful_step_count=30, deadline=None
+)

@@ -28,7 +28,9 @@ import functools
 import inspect
 import itertools
 import math
+import os
 import random
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextvars import ContextVar
@@ -78,6 +80,19 @@ _OPEN = CircuitState.OPEN
 _HALF_OPEN = CircuitState.HALF_OPEN
 _FORCED_OPEN = CircuitState.FORCED_OPEN
 _DISABLED = CircuitState.DISABLED
+
+# The compiled fast path (_speedups.c): a decorated coroutine function and call() without a
+# coroutine frame of their own. VERITAS_RESILIENCE_PURE_PYTHON=1 turns it off.
+_speedups: Any
+if os.environ.get("VERITAS_RESILIENCE_PURE_PYTHON", "").strip().lower() in {"1", "true", "yes"}:
+    _speedups = None
+else:
+    try:
+        from . import _speedups
+    except ImportError:  # built without a C compiler, or another Python implementation
+        _speedups = None
+    else:
+        _speedups.setup(_CLOSED, CircuitOpenError)
 _ALL_STATES = tuple(CircuitState)
 _OUTCOMES = ("success", "failure", "ignored", "cancelled", "rejected")
 
@@ -507,7 +522,14 @@ class CircuitBreaker(_hooks.Instrumented):
         self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
         self._permits = ContextVar(f"veritas_breaker_permits_{id(self)}", default=())
 
+        self._core: Any = None
         self._init_hooks(hooks)
+        if _speedups is not None:
+            self._core = _speedups.Core(self)
+            self._update_fast()
+            # The compiled call(): an attribute of the instance, ahead of the method, so that a
+            # call costs no Python frame. Same signature and behaviour as the method.
+            self.call = self._core.call  # type: ignore[method-assign]
 
     # -- configuration and inspection ------------------------------------------------------
 
@@ -612,6 +634,23 @@ class CircuitBreaker(_hooks.Instrumented):
             and self._failure_on_result is None
             and not self._w_success
         )
+        core = self._core
+        if core is not None:
+            # Tell the compiled path which of its two fast cases applies: the CLOSED fast path
+            # (the generation), OPEN with no hook to tell of rejections (when it may half-open),
+            # or neither (None: Python decides).
+            core.set_path(
+                self._gen
+                if self._fast
+                else float(self._reopen_at)
+                if self._state is _OPEN and not self._w_rejected
+                else None
+            )
+
+    def _fast_success_reset(self, gen: int) -> None:
+        # A fast-path success after failures in a row, from the compiled path.
+        if self._failures and self._gen == gen:
+            self._failures = 0
 
     # -- state machine (call with self._lock held) --------------------------------------------
 
@@ -863,12 +902,23 @@ class CircuitBreaker(_hooks.Instrumented):
 
     # -- forms of use ---------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``await fn(*args, **kwargs)`` through the breaker.
+    def call(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, T]:
+        """Run ``await fn(*args, **kwargs)`` through the breaker: ``await breaker.call(fn, ...)``.
+
+        Returns a coroutine-like awaitable; nothing happens until it is awaited, and ``fn`` is
+        called only once the breaker admits the call.
 
         Raises:
             CircuitOpenError: If the breaker rejects the call; ``fn`` is not called.
         """
+        core = self._core
+        if core is not None and _speedups is not None:
+            return _speedups.call(core, fn, *args, **kwargs)  # type: ignore[no-any-return]
+        return self._call(fn, *args, **kwargs)
+
+    async def _call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         # Keep in step with the wrapper built in __call__, which inlines the same code.
         if self._fast:
             gen = self._gen
@@ -934,6 +984,8 @@ class CircuitBreaker(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate an ``async def`` or plain function so every call goes through the breaker."""
+        if self._core is not None and _speedups is not None and _is_coroutine_function(fn):
+            return _compiled_wrapper(self._core, fn)
         if inspect.iscoroutinefunction(fn):
             breaker = self
             acquire, on_exception, on_result = self._acquire, self._on_exception, self._on_result
@@ -1055,6 +1107,27 @@ class CircuitBreaker(_hooks.Instrumented):
         open_for = self._open_for if state is _OPEN else None
         yield "veritas_circuit_breaker_open_seconds", (name,), float(open_for or 0.0)
         yield "veritas_circuit_breaker_half_open_probes", (name,), float(len(self._probes))
+
+
+def _is_coroutine_function(fn: object) -> bool:
+    # A plain `async def` function (not a partial or a callable object): its wrapper can stand
+    # in for it everywhere, __code__ included.
+    return inspect.isfunction(fn) and bool(fn.__code__.co_flags & inspect.CO_COROUTINE)
+
+
+def _compiled_wrapper(core: Any, fn: Callable[P, Any]) -> Callable[P, Any]:
+    wrapper = _speedups.Guarded(core, fn)
+    functools.update_wrapper(wrapper, fn)
+    # inspect.iscoroutinefunction() (which FastAPI, Starlette and others use to decide whether
+    # to await) takes a callable with a coroutine __code__ and function-like attributes for a
+    # coroutine function; Python 3.12+ also reads the marker.
+    wrapper.__code__ = fn.__code__
+    wrapper.__defaults__ = fn.__defaults__
+    wrapper.__kwdefaults__ = fn.__kwdefaults__
+    wrapper.breaker = core.breaker
+    if sys.version_info >= (3, 12):
+        inspect.markcoroutinefunction(wrapper)
+    return wrapper  # type: ignore[no-any-return]
 
 
 def _read(counter: itertools.count[int]) -> int:
