@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from benchmarks._results import write_section
 from veritas_resilience import CircuitBreaker, FallbackChain, PrometheusHook, StructlogHook
-from veritas_resilience.limits import Bulkhead, Timeout
+from veritas_resilience.limits import Bulkhead, Timeout, TimeoutEngine
 from veritas_resilience.pipeline import Pipeline
 from veritas_resilience.retry import Retry
 
@@ -53,6 +53,11 @@ async def degraded(x: int) -> int:
     return -x
 
 
+PIPELINE = "veritas Pipeline (fallback+retry+breaker+timeout)"
+PIPELINE_ANYIO = "veritas Pipeline, timeout engine='anyio'"
+TIMEOUT_ANYIO = "veritas Timeout, engine='anyio'"
+
+
 def hooks() -> list[Any]:
     """The default hooks (Prometheus and structlog), on a registry of the benchmark's own."""
     return [PrometheusHook(CollectorRegistry()), StructlogHook()]
@@ -64,20 +69,26 @@ def veritas_cases() -> dict[str, Case]:
     async def floor(*args: Any, **kwargs: Any) -> int:
         return await op(*args, **kwargs)
 
-    pipeline = Pipeline(
-        name="orders",
-        fallback=FallbackChain(degraded, name="orders", hooks=hooks()),
-        retry=Retry(on=(ConnectionError, TimeoutError), attempts=3, name="orders", hooks=hooks()),
-        breaker=CircuitBreaker(name="orders", failure_threshold=5, hooks=hooks()),
-        timeout=Timeout(2.0, name="orders", hooks=hooks()),
-    )
+    def pipeline(engine: TimeoutEngine) -> Pipeline:
+        return Pipeline(
+            name="orders",
+            fallback=FallbackChain(degraded, name="orders", hooks=hooks()),
+            retry=Retry(
+                on=(ConnectionError, TimeoutError), attempts=3, name="orders", hooks=hooks()
+            ),
+            breaker=CircuitBreaker(name="orders", failure_threshold=5, hooks=hooks()),
+            timeout=Timeout(2.0, name="orders", engine=engine, hooks=hooks()),
+        )
+
     return {
         BARE: op,
         FLOOR: floor,
         "veritas Retry": Retry(on=ConnectionError, attempts=3, hooks=hooks())(op),
         "veritas Timeout": Timeout(2.0, hooks=hooks())(op),
+        TIMEOUT_ANYIO: Timeout(2.0, engine="anyio", hooks=hooks())(op),
         "veritas Bulkhead": Bulkhead(100, hooks=hooks())(op),
-        "veritas Pipeline (fallback+retry+breaker+timeout)": pipeline(op),
+        PIPELINE: pipeline("auto")(op),
+        PIPELINE_ANYIO: pipeline("anyio")(op),
     }
 
 
@@ -210,17 +221,22 @@ async def run_trio(rounds: int, sample_ms: float) -> Results:
 def report(aio: Results, trio: Results, rounds: int, sample_ms: float, load: str) -> str:
     over = aio[1]
     trio_over = trio[1]
-    pipeline = "veritas Pipeline (fallback+retry+breaker+timeout)"
+    pipeline = PIPELINE
     peers_pipeline = [k for k in over if k.endswith("+ try/except")]
     groups = {
         "Retry alone": ["veritas Retry", "tenacity @retry (AsyncRetrying)", "stamina @retry"],
         "Timeout alone": [
             "veritas Timeout",
+            TIMEOUT_ANYIO,
             "anyio.fail_after",
             *(["asyncio.timeout"] if "asyncio.timeout" in over else []),
         ],
         "Bulkhead alone": ["veritas Bulkhead", "anyio.CapacityLimiter"],
-        "Full pipeline: fallback + retry + breaker + timeout": [pipeline, *peers_pipeline],
+        "Full pipeline: fallback + retry + breaker + timeout": [
+            pipeline,
+            PIPELINE_ANYIO,
+            *peers_pipeline,
+        ],
     }
     out = [
         f"asyncio unless stated. {rounds} rounds; in each, every case is timed right after a bare "
@@ -248,12 +264,14 @@ def report(aio: Results, trio: Results, rounds: int, sample_ms: float, load: str
         f"tenacity {over['tenacity @retry (AsyncRetrying)']:.0f} ns, "
         f"stamina {over['stamina @retry']:.0f} ns; any async decorator that forwards "
         f"`*args/**kwargs` costs {over[FLOOR]:.0f} ns (the floor).",
-        f"- Timeout: {over['veritas Timeout']:.0f} ns against "
+        f"- Timeout, default engine: {over['veritas Timeout']:.0f} ns against "
         f"{over['anyio.fail_after']:.0f} ns for anyio.fail_after (one shared timer per policy "
-        "and loop instead of a timer handle per call). Under trio it is a native "
-        f"trio.CancelScope: {trio_over['veritas Timeout']:.0f} ns.",
+        "and loop instead of a timer handle per call); with engine='anyio' (anyio's "
+        f"move_on_after): {over[TIMEOUT_ANYIO]:.0f} ns. Under trio the "
+        f"default is a native trio.CancelScope: {trio_over['veritas Timeout']:.0f} ns.",
         f"- Full pipeline over a bare call: {_verdict(over[pipeline], 5000)}; "
         + "; ".join(f"{k.split(' +')[0]} composition {over[k]:.0f} ns" for k in peers_pipeline)
+        + f"; with the anyio timeout engine: {over[PIPELINE_ANYIO]:.0f} ns"
         + f". Under trio: {trio_over[pipeline]:.0f} ns (its timeout is trio's cancel scope).",
     ]
     return "\n".join(out)

@@ -1,8 +1,9 @@
 """Timeouts and bulkheads, under asyncio and trio.
 
-Timeouts run on the event loop's clock, so the few tests that need one to expire use a short real
-limit (50 ms) on a call that waits for an event that never fires: they cannot be flaky in the
-direction of a false pass, only slow.
+Most timeout tests drive deadlines with a FakeClock. The tests of the real-clock engines (the
+shared asyncio timer and anyio's cancel scope, each test run on both) use a short real limit
+(50 ms) on a call that waits for an event that never fires: they cannot be flaky in the direction
+of a false pass, only slow.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from veritas_resilience import (
     ResilienceError,
     ResilienceTimeoutError,
 )
-from veritas_resilience.limits import Bulkhead, BulkheadRejected, Timeout, TimeoutExpired
+from veritas_resilience.limits import (
+    Bulkhead,
+    BulkheadRejected,
+    Timeout,
+    TimeoutEngine,
+    TimeoutExpired,
+)
+from veritas_resilience.testing import FakeClock
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
@@ -52,9 +60,15 @@ async def double(x: int) -> int:
 # -- timeout ------------------------------------------------------------------------------------
 
 
-async def test_timeout_returns_the_result_in_time() -> None:
+@pytest.fixture(params=["auto", "anyio"])
+def engine(request: pytest.FixtureRequest) -> TimeoutEngine:
+    """Each real-clock timeout test runs on both engines: the same outcomes are required."""
+    return request.param  # type: ignore[no-any-return]
+
+
+async def test_timeout_returns_the_result_in_time(engine: TimeoutEngine) -> None:
     """A call that finishes in time returns its value, through the decorator and call()."""
-    timeout = Timeout(5, name="t", hooks=[])
+    timeout = Timeout(5, name="t", hooks=[], engine=engine)
     assert await timeout(double)(21) == 42
     assert await timeout.call(double, 4) == 8
     assert timeout.expired == 0
@@ -62,10 +76,11 @@ async def test_timeout_returns_the_result_in_time() -> None:
 
 async def test_timeout_expiry_raises_a_resilience_timeout_error(
     prometheus: PrometheusHook,
+    engine: TimeoutEngine,
 ) -> None:
     """Expiry raises ResilienceTimeoutError (a TimeoutError), counted and reported once."""
     hook = Recorder()
-    timeout = Timeout(SHORT, name="slow-db", hooks=[hook, prometheus])
+    timeout = Timeout(SHORT, name="slow-db", hooks=[hook, prometheus], engine=engine)
     with pytest.raises(ResilienceTimeoutError) as info:
         await timeout(never)()
     assert isinstance(info.value, TimeoutError)
@@ -77,9 +92,9 @@ async def test_timeout_expiry_raises_a_resilience_timeout_error(
     assert metric(prometheus.registry, 'veritas_timeout_total{name="slow-db"}') == 1
 
 
-async def test_outer_cancellation_passes_through_a_timeout() -> None:
+async def test_outer_cancellation_passes_through_a_timeout(engine: TimeoutEngine) -> None:
     """An outer scope's cancellation is not turned into a timeout error, nor counted."""
-    timeout = Timeout(5, hooks=[])
+    timeout = Timeout(5, hooks=[], engine=engine)
     with anyio.move_on_after(SHORT) as scope:
         await timeout.call(never)
     assert scope.cancelled_caught
@@ -91,9 +106,11 @@ async def test_outer_cancellation_passes_through_a_timeout() -> None:
     assert timeout.expired == 0
 
 
-async def test_timeout_inside_fail_after_of_same_length_never_hides_the_outer() -> None:
+async def test_timeout_inside_fail_after_of_same_length_never_hides_the_outer(
+    engine: TimeoutEngine,
+) -> None:
     """When an outer deadline fires too, the outer scope still sees its own cancellation."""
-    timeout = Timeout(SHORT, hooks=[])
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
     outer_caught = False
     try:
         with anyio.fail_after(SHORT):
@@ -109,9 +126,9 @@ async def test_timeout_inside_fail_after_of_same_length_never_hides_the_outer() 
 
 # asyncio only: Task.cancel() is asyncio's own API; trio uses cancel scopes (tested above).
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_task_cancel_on_asyncio_passes_through() -> None:
+async def test_task_cancel_on_asyncio_passes_through(engine: TimeoutEngine) -> None:
     """asyncio's Task.cancel() on a call under a timeout propagates as CancelledError."""
-    timeout = Timeout(5, hooks=[])
+    timeout = Timeout(5, hooks=[], engine=engine)
     task = asyncio.create_task(timeout.call(never))
     await asyncio.sleep(0)
     task.cancel()
@@ -120,9 +137,9 @@ async def test_task_cancel_on_asyncio_passes_through() -> None:
     assert timeout.expired == 0
 
 
-async def test_call_that_swallows_the_cancellation_keeps_its_result() -> None:
+async def test_call_that_swallows_the_cancellation_keeps_its_result(engine: TimeoutEngine) -> None:
     """A call that catches our cancellation and returns keeps its value; no cancel is left over."""
-    timeout = Timeout(SHORT, hooks=[])
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
 
     async def stubborn() -> str:
         try:
@@ -136,9 +153,9 @@ async def test_call_that_swallows_the_cancellation_keeps_its_result() -> None:
     await anyio.lowlevel.checkpoint()
 
 
-async def test_timeout_sees_through_anyio_scopes_inside_the_call() -> None:
+async def test_timeout_sees_through_anyio_scopes_inside_the_call(engine: TimeoutEngine) -> None:
     """The call's own anyio cancel scopes do not swallow the timeout's cancellation."""
-    timeout = Timeout(SHORT, hooks=[])
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
 
     async def nested() -> None:
         with anyio.CancelScope():
@@ -149,9 +166,9 @@ async def test_timeout_sees_through_anyio_scopes_inside_the_call() -> None:
         await timeout(nested)()
 
 
-async def test_only_the_slow_calls_of_many_concurrent_ones_time_out() -> None:
+async def test_only_the_slow_calls_of_many_concurrent_ones_time_out(engine: TimeoutEngine) -> None:
     """With 40 concurrent calls, exactly the 20 that hang time out; the others return."""
-    timeout = Timeout(SHORT, hooks=[])
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
     results: list[str] = []
 
     async def one(i: int) -> None:
@@ -172,6 +189,87 @@ async def test_only_the_slow_calls_of_many_concurrent_ones_time_out() -> None:
     assert results.count("ok") == 20
     assert results.count("timeout") == 20
     assert timeout.expired == 20
+
+
+async def test_with_a_fake_clock_a_call_expires_exactly_at_its_deadline(clock: FakeClock) -> None:
+    """A deadline on a FakeClock: not a moment before, and at once when the clock reaches it."""
+    timeout = Timeout(2.0, name="fake", clock=clock, hooks=[])
+    outcome: list[str] = []
+
+    async def run() -> None:
+        try:
+            await timeout(never)()
+        except ResilienceTimeoutError as exc:
+            outcome.append(f"timed out after {exc.timeout}s")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_until(lambda: clock.timers == 1)
+        clock.advance(1.999)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        assert outcome == []
+        clock.advance(0.001)
+    assert outcome == ["timed out after 2.0s"]
+    assert timeout.expired == 1
+    assert clock.timers == 0
+
+
+async def test_with_a_fake_clock_calls_that_end_in_time_leave_nothing_behind(
+    clock: FakeClock,
+) -> None:
+    """A call that returns (or fails) in time cancels its timer; later advances change nothing."""
+    timeout = Timeout(1.0, clock=clock, hooks=[])
+    assert await timeout(double)(4) == 8
+
+    async def boom() -> None:
+        raise KeyError("inner")
+
+    with pytest.raises(KeyError):
+        await timeout.call(boom)
+    assert clock.timers == 0
+    clock.advance(10)
+    await anyio.lowlevel.checkpoint()
+    assert timeout.expired == 0
+
+
+async def test_with_a_fake_clock_concurrent_calls_expire_in_deadline_order(
+    clock: FakeClock,
+) -> None:
+    """Calls started at different times expire one by one as the clock passes each deadline."""
+    timeout = Timeout(10.0, clock=clock, hooks=[])
+    expired: list[int] = []
+
+    async def run(i: int) -> None:
+        with pytest.raises(ResilienceTimeoutError):
+            await timeout.call(never)
+        expired.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(run, i)
+            await wait_until(lambda i=i: clock.timers == i + 1)
+            clock.advance(1.0)
+        # deadlines at 10, 11 and 12 s from the first start; the clock is at 3 s
+        clock.advance(7.0)
+        await wait_until(lambda: len(expired) == 1)
+        assert expired == [0]
+        clock.advance(1.0)
+        await wait_until(lambda: len(expired) == 2)
+        clock.advance(1.0)
+    assert expired == [0, 1, 2]
+    assert timeout.expired == 3
+
+
+async def test_with_a_fake_clock_an_outer_cancellation_is_not_a_timeout(clock: FakeClock) -> None:
+    """An outer scope cancelling a call under a fake-clock timeout passes through uncounted."""
+    timeout = Timeout(5.0, clock=clock, hooks=[])
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await timeout(never)()
+    assert scope.cancelled_caught
+    assert timeout.expired == 0
+    assert clock.timers == 0
 
 
 # asyncio only: the shared deadline queue is the asyncio implementation; trio uses its scopes
@@ -237,6 +335,10 @@ def test_one_timeout_serves_loops_in_several_threads_at_once() -> None:
 
 def test_timeout_rejects_bad_configuration() -> None:
     """Bad settings raise at construction, naming the parameter."""
+    with pytest.raises(ValueError, match="engine"):
+        Timeout(1, engine="fast")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="clock"):
+        Timeout(1, clock=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seconds"):
         Timeout(0)
     with pytest.raises(ValueError, match="seconds"):

@@ -129,6 +129,36 @@ async def test_each_timeout_is_counted_once_by_retry_and_breaker(auto_clock: Fak
     assert retry.counts()["exhausted"] == 1
 
 
+async def test_each_timeout_is_counted_once_on_the_fake_clock(clock: FakeClock) -> None:
+    """The same with every deadline and backoff on one FakeClock: three timeouts of 2 s each,
+    three breaker failures, two retries, nothing cancelled, and no real time spent."""
+    breaker = CircuitBreaker(name="db", failure_threshold=10, clock=clock, hooks=[])
+    retry = Retry(on=TimeoutError, attempts=3, clock=clock, hooks=[])
+    timeout = Timeout(2.0, name="db", clock=clock, hooks=[])
+    pipeline = Pipeline(retry=retry, breaker=breaker, timeout=timeout)
+    start = clock.monotonic()
+    outcome: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await pipeline(never)()
+        except ResilienceTimeoutError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        while not outcome:
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(0.25)
+    assert timeout.expired == 3
+    calls = breaker.snapshot().calls
+    assert (calls["failure"], calls["cancelled"], calls["success"]) == (3, 0, 0)
+    assert retry.counts()["retried"] == 2
+    # Three deadlines of 2 s plus the backoff waits, each rounded up to the 0.25 s steps.
+    least = 3 * 2.0 + sum(clock.slept)
+    assert least <= clock.monotonic() - start <= least + 5 * 0.25
+
+
 async def test_fallback_answers_only_after_the_retries_give_up(auto_clock: FakeClock) -> None:
     """The fallback is outermost: it runs once, after every attempt has failed."""
     attempts = 0

@@ -65,3 +65,39 @@ def test_time_never_goes_backwards(bad: float) -> None:
     """advance() refuses negative and non-finite amounts, naming the parameter."""
     with pytest.raises(ValueError, match="seconds"):
         FakeClock().advance(bad)
+
+
+def test_timers_run_in_deadline_order_with_the_sleepers_when_advanced() -> None:
+    """call_at() callbacks run inside advance() once their time comes, in order, exactly once."""
+    clock = FakeClock(100.0)
+    ran: list[tuple[str, float]] = []
+    clock.call_at(103.0, lambda: ran.append(("late", clock.monotonic())))
+    clock.call_at(101.0, lambda: ran.append(("early", clock.monotonic())))
+    dropped = clock.call_at(102.0, lambda: ran.append(("cancelled", clock.monotonic())))
+    dropped.cancel()
+    assert clock.timers == 2
+    clock.advance(0.999)
+    assert ran == []
+    clock.advance(0.001)
+    assert ran == [("early", 101.0)]
+    clock.advance(5)
+    assert ran == [("early", 101.0), ("late", 106.0)]  # run during the advance that passed 103
+    clock.advance(5)
+    assert len(ran) == 2
+    assert clock.timers == 0
+    assert dropped.cancelled and not dropped.fired
+
+
+def test_a_timer_already_due_runs_at_the_next_advance() -> None:
+    """A time already reached runs on the next advance(), even advance(0)."""
+    clock = FakeClock(5.0)
+    ran: list[bool] = []
+    timer = clock.call_at(4.0, lambda: ran.append(True))
+    assert ran == []
+    clock.advance(0)
+    assert ran == [True]
+    assert timer.fired
+    timer.cancel()  # too late: nothing changes
+    assert not timer.cancelled
+    with pytest.raises(ValueError, match="when"):
+        clock.call_at(float("nan"), lambda: None)

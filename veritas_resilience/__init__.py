@@ -60,6 +60,7 @@ from .instrumentation import PrometheusHook as PrometheusHook
 from .instrumentation import StructlogHook as StructlogHook
 from .limits import Bulkhead as Bulkhead
 from .limits import BulkheadRejected as BulkheadRejected
+from .limits import SchedulingClock as SchedulingClock
 from .limits import Timeout as Timeout
 from .limits import TimeoutExpired as TimeoutExpired
 from .pipeline import Pipeline as Pipeline
@@ -112,6 +113,7 @@ __all__ = [
     "RetryBudgetExhaustedError",
     "RetryExhausted",
     "RetryScheduled",
+    "SchedulingClock",
     "ServiceUnavailableError",
     "StaleCache",
     "StaleStore",

@@ -1,6 +1,7 @@
 """Tools for testing code that uses veritas-resilience, and for testing the library itself.
 
-- :class:`FakeClock` makes time-based behaviour instant and exact.
+- :class:`FakeClock` makes time-based behaviour instant and exact (timeouts included: its
+  :meth:`~FakeClock.call_at` timers are :class:`FakeTimer` objects).
 - :class:`RecordingHook` keeps the events a component sends, for assertions.
 - :class:`LocalPostgresCluster` starts a real PostgreSQL primary and streaming standbys on
   loopback ports in a temporary folder (as an unprivileged user when run as root), with methods to
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._clock import FakeClock as FakeClock
+from ._clock import FakeTimer as FakeTimer
 from ._hooks import RecordingHook as RecordingHook
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FakeClock",
+    "FakeTimer",
     "FaultProxy",
     "FaultProxyFactory",
     "LocalPostgresCluster",
