@@ -92,6 +92,35 @@ async def test_methods_bind_self_and_calls_pass_every_kind_of_argument() -> None
     assert breaker.snapshot().calls["success"] == 3
 
 
+@pytest.mark.anyio
+async def test_stacked_breakers_each_see_every_call(clock: FakeClock) -> None:
+    """A breaker over a decorated function (two compiled wrappers) counts what the inner sees."""
+    outer = CircuitBreaker(name="outer", failure_threshold=2, clock=clock, hooks=[])
+    inner = CircuitBreaker(name="inner", failure_threshold=1, clock=clock, hooks=[])
+    failing = [False]
+
+    @outer
+    @inner
+    async def fetch(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        if failing[0]:
+            raise OSError("down")
+        return x
+
+    assert type(fetch).__name__ == "Guarded"
+    assert inspect.iscoroutinefunction(fetch)
+    assert await fetch(3) == 3
+    failing[0] = True
+    with pytest.raises(OSError):
+        await fetch(1)
+    with pytest.raises(CircuitOpenError) as rejected:
+        await fetch(1)
+    assert rejected.value.name == "inner"
+    assert inner.snapshot().calls["failure"] == 1
+    assert outer.snapshot().calls["failure"] == 2  # the inner rejection is a failure outside
+    assert outer.state is CircuitState.OPEN
+
+
 async def _sleep_then(value: int) -> int:
     await anyio.lowlevel.checkpoint()
     return value

@@ -1110,8 +1110,10 @@ class CircuitBreaker(_hooks.Instrumented):
 
 
 def _is_coroutine_function(fn: object) -> bool:
-    # A plain `async def` function (not a partial or a callable object): its wrapper can stand
-    # in for it everywhere, __code__ included.
+    # A plain `async def` function, or one already wrapped by a compiled breaker (not a partial
+    # or a callable object): its wrapper can stand in for it everywhere, __code__ included.
+    if _speedups is not None and isinstance(fn, _speedups.Guarded):
+        return True
     return inspect.isfunction(fn) and bool(fn.__code__.co_flags & inspect.CO_COROUTINE)
 
 
