@@ -274,21 +274,15 @@ async def test_a_lagging_standby_gets_no_reads_until_it_catches_up(
         await run(cluster.set_apply_delay, standby, "1500ms")
         try:
             # recovery_min_apply_delay holds replay at the first commit record: the WAL of the
-            # transactions after it piles up behind (a byte lag), and time passes (a time lag).
-            # Keep writing until then: the standby applies the new delay a moment after reload.
+            # second batch piles up behind it (a byte lag), and time passes (a time lag).
             base = new_id()
-            batches = 0
-
-            async def write_until_lagging() -> bool:
-                nonlocal batches
+            batches = 2
+            for batch in range(batches):
                 await db.execute(
                     "INSERT INTO items SELECT g, repeat('x', 100) FROM generate_series($1::bigint,"
-                    " $1::bigint + 99) g", base + 100 * batches,
+                    " $1::bigint + 99) g", base + 100 * batch,
                 )  # fmt: skip
-                batches += 1
-                return db._topology.readable == ()
-
-            await eventually(write_until_lagging, 5.0, "the standby to lag")
+            await eventually(lambda: db._topology.readable == (), 5.0, "the standby to lag")
             served_by_standby = 0
             while db._topology.readable == ():
                 served_by_standby += await db.fetchval("SELECT pg_is_in_recovery()")

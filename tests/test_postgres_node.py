@@ -44,7 +44,7 @@ async def test_a_wait_past_the_deadline_raises_acquire_expired() -> None:
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0.01)  # the task can still await: no cancellation is pending
-    assert guard.watchdog is None and not guard.entries  # nobody waits: the watchdog stopped
+    assert guard.watchdog is None and not guard.waiting  # nobody waits: the watchdog stopped
     guard.close()
 
 
@@ -62,7 +62,7 @@ async def test_waits_that_end_in_time_are_left_alone() -> None:
     results = await asyncio.gather(*(guard.acquire(pool) for _ in range(3)))  # type: ignore[arg-type]
     await helper
     assert results == ["conn"] * 3
-    assert not guard.entries
+    assert not guard.waiting
     await asyncio.sleep(0.3)
     assert guard.watchdog is None
 
@@ -98,6 +98,35 @@ async def test_only_the_overdue_waits_expire() -> None:
     pool.release_one()
     await asyncio.gather(first, second)
     assert outcomes == [(1, "expired"), (2, "got")]
+    guard.close()
+
+
+class HandPool:
+    """A pool whose acquire() calls are served by hand, in any order."""
+
+    def __init__(self) -> None:
+        self.waits: list[asyncio.Future[str]] = []
+
+    async def acquire(self) -> str:
+        wait: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.waits.append(wait)
+        return await wait
+
+
+async def test_a_wait_served_before_older_ones_is_forgotten_at_once() -> None:
+    """Waits served out of order leave nothing behind: the guard holds only waits in progress."""
+    guard = AcquireGuard(5.0)
+    pool: Any = HandPool()
+    tasks = [asyncio.create_task(guard.acquire(pool)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert list(guard.waiting) == tasks
+    pool.waits[2].set_result("c")
+    pool.waits[1].set_result("b")
+    assert await tasks[2] == "c" and await tasks[1] == "b"
+    assert list(guard.waiting) == [tasks[0]]
+    pool.waits[0].set_result("a")
+    assert await tasks[0] == "a"
+    assert not guard.waiting
     guard.close()
 
 

@@ -8,6 +8,7 @@ import pwd
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from veritas_resilience.testing import (
     LocalPostgresCluster,
     PostgresClusterFactory,
+    PostgresNode,
     PostgresQueryError,
     free_port,
 )
@@ -160,6 +162,59 @@ def test_apply_delay_makes_the_standby_lag(cluster: LocalPostgresCluster) -> Non
     finally:
         cluster.set_apply_delay(standby, None)
     assert cluster.query(standby, "SHOW recovery_min_apply_delay") == "0"
+
+
+def test_set_apply_delay_returns_only_once_the_standby_runs_with_it(
+    cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_apply_delay() waits for the reload to take effect, however late the server takes it."""
+    standby = cluster.standbys[0]
+    query = cluster.query
+    timers: list[threading.Timer] = []
+
+    def late_reload(node: PostgresNode, sql: str) -> str:
+        if sql != "SELECT pg_reload_conf()":
+            return query(node, sql)
+        # pg_reload_conf() only signals the server: here the signal lands 0.3 s later.
+        timer = threading.Timer(0.3, query, (node, sql))
+        timers.append(timer)
+        timer.start()
+        return "t"
+
+    monkeypatch.setattr(cluster, "query", late_reload)
+    try:
+        for delay, shown in (("700ms", "700ms"), ("1.5s", "1500ms"), (None, "0")):
+            started = time.monotonic()
+            cluster.set_apply_delay(standby, delay)
+            assert query(standby, "SHOW recovery_min_apply_delay") == shown
+            assert time.monotonic() - started >= 0.3
+    finally:
+        monkeypatch.undo()
+        for timer in timers:
+            timer.join()
+        cluster.set_apply_delay(standby, None)
+
+
+def test_set_apply_delay_fails_clearly_when_the_standby_does_not_reload(
+    cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that never lands raises TimeoutError naming the node; a bad delay, ValueError."""
+    standby = cluster.standbys[0]
+    query = cluster.query
+    with pytest.raises(ValueError, match="duration"):
+        cluster.set_apply_delay(standby, "soon")
+    monkeypatch.setattr(
+        cluster, "query", lambda node, sql: "t" if "pg_reload_conf" in sql else query(node, sql)
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"{standby.name} to reload its configuration"):
+            cluster.set_apply_delay(standby, "700ms", timeout=0.5)
+        assert 0.5 <= time.monotonic() - started < 5.0
+    finally:
+        monkeypatch.undo()
+        cluster.set_apply_delay(standby, None)
+    assert query(standby, "SHOW recovery_min_apply_delay") == "0"
 
 
 def test_alter_system_makes_a_read_only_primary(cluster: LocalPostgresCluster) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import bisect
 import contextvars
 import math
+import time
 from collections.abc import (
     Awaitable,
     Callable,
@@ -63,6 +64,8 @@ __all__ = ["FailoverClient", "NodeHealth", "PostgresHealth", "WriteToken"]
 
 _MAX_LSN = 2**64 - 1
 _bisect = bisect.bisect_left
+_current_task = asyncio.current_task
+_monotonic = time.monotonic
 _ROLES: tuple[Role, ...] = ("primary", "standby", "unknown")
 _ERROR_KINDS = (
     "connect", "connection_lost", "shutdown", "timeout", "read_only", "commit_unknown",
@@ -279,21 +282,7 @@ def _breaker_ignored(exc: BaseException) -> bool:
 
 
 _EXECUTE, _EXECUTEMANY, _FETCH, _FETCHROW, _FETCHVAL, _TOKEN = range(6)
-
-
-def _run(conn: Any, op: int, query: str, args: Any, timeout: float | None, extra: Any) -> Any:
-    # Returns the driver's coroutine without awaiting it: one coroutine frame less per call.
-    if op == _EXECUTE:
-        return conn.execute(query, *args, timeout=timeout)
-    if op == _FETCHVAL:
-        return conn.fetchval(query, *args, column=extra, timeout=timeout)
-    if op == _FETCH:
-        return conn.fetch(query, *args, timeout=timeout, record_class=extra)
-    if op == _FETCHROW:
-        return conn.fetchrow(query, *args, timeout=timeout, record_class=extra)
-    if op == _EXECUTEMANY:
-        return conn.executemany(query, args, timeout=timeout)
-    return conn.fetchval("SELECT pg_current_wal_insert_lsn()", timeout=timeout)
+_TOKEN_SQL = "SELECT pg_current_wal_insert_lsn()"
 
 
 class FailoverClient(Instrumented):
@@ -1006,22 +995,27 @@ class FailoverClient(Instrumented):
         pool = node.pool
         if pool is None:
             raise _NotSent("closed")
-        start = self._now()
-        node.in_use += 1
+        now = self._now
+        start = now()
+        in_use = node.in_use = node.in_use + 1
         try:
-            if node.in_use > node.max_size:
+            if in_use > node.max_size:
                 # The pool is full: wait, within acquire_timeout (AcquireGuard.acquire, inline:
                 # this is every waiting call's path).
                 guard = node.guard
-                entry = guard.enter()
+                waiting = guard.waiting
+                task = _current_task()
+                waiting[task] = _monotonic() + guard.timeout
+                if guard.watchdog is None:
+                    guard.start_watchdog()
                 try:
                     conn = await pool.acquire()
                 except asyncio.CancelledError:
-                    if guard.expired(entry):
+                    if guard.expired(task):
                         raise AcquireExpired() from None
                     raise
                 finally:
-                    guard.leave(entry)
+                    del waiting[task]
             else:
                 conn = await pool.acquire()
         except Exception as exc:
@@ -1034,7 +1028,20 @@ class FailoverClient(Instrumented):
         try:
             if token is not None:
                 await self._wait_replayed(conn, node, token)
-            result = await _run(conn, op, query, args, timeout, extra)
+            # The statement, inline: a helper returning the driver's coroutine would cost a call.
+            if op == _FETCHVAL:
+                result = await conn.fetchval(query, *args, column=extra, timeout=timeout)
+            elif op == _EXECUTE:
+                result = await conn.execute(query, *args, timeout=timeout)
+            elif op == _FETCH:
+                result = await conn.fetch(query, *args, timeout=timeout, record_class=extra)
+            elif op == _FETCHROW:
+                result = await conn.fetchrow(query, *args, timeout=timeout, record_class=extra)
+            elif op == _EXECUTEMANY:
+                await conn.executemany(query, args, timeout=timeout)
+                result = None
+            else:
+                result = await conn.fetchval(_TOKEN_SQL, timeout=timeout)
             if write and self._ryw:
                 await self._take_token(conn, node)
         except BaseException as exc:
@@ -1060,7 +1067,7 @@ class FailoverClient(Instrumented):
                     terminate(conn)
                 finally:
                     node.in_use -= 1
-        elapsed = self._now() - start
+        elapsed = now() - start
         k = 1 if token is not None or node.state.role == "standby" else 0
         self._hist[k][_bisect(self._bounds, elapsed)] += 1
         self._hist_sum[k] += elapsed
@@ -1223,7 +1230,7 @@ class FailoverClient(Instrumented):
 
     async def _take_token(self, conn: Any, node: NodeRuntime) -> None:
         try:
-            lsn = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
+            lsn = await conn.fetchval(_TOKEN_SQL)
             token = WriteToken(int(lsn), node.state.timeline)
         except Exception:
             # The write went through but its position is unknown: read from the primary.

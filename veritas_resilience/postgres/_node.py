@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +20,7 @@ from ._errors import NodeFencedError
 from ._topology import NodeState, Observation
 
 __all__ = [
+    "EXPIRED",
     "AcquireExpired",
     "AcquireGuard",
     "ConnectSettings",
@@ -65,6 +66,10 @@ class ConnectSettings:
     tcp_user_timeout: float | None
 
 
+EXPIRED = -math.inf
+"""The deadline of a wait that :class:`AcquireGuard` has cancelled."""
+
+
 class AcquireExpired(Exception):
     """A wait for a pooled connection outlived ``acquire_timeout`` (internal)."""
 
@@ -73,75 +78,84 @@ class AcquireGuard:
     """Bounds waits for a pooled connection, without a timer per wait.
 
     ``asyncio.timeout()`` around every acquire costs more than the rest of the client's overhead
-    put together (a timer handle scheduled and cancelled each time), and a queue of our own in
-    front of the pool's adds a second wait and wake-up to every call. Instead, calls wait in the
-    pool as usual and register their wait here. Waits all have the same limit, so their
-    deadlines come in order: one watchdog task, alive only while someone waits, sleeps until the
-    oldest deadline and cancels the waits that outlived it (the cancellation is then undone and
-    turned into :class:`AcquireExpired`).
+    put together (a timer handle scheduled and cancelled each time), asyncpg's own
+    ``acquire(timeout=)`` runs every acquire in a task of its own (``wait_for``), and a queue of
+    our own in front of the pool's adds a second wait and wake-up to every call. Instead, calls
+    wait in the pool as usual and register their task here. Waits all have the same limit, so
+    their deadlines come in the order they were registered: one watchdog task, alive only while
+    someone waits, sleeps until the oldest deadline and cancels the waits that outlived it (the
+    cancellation is then undone and turned into :class:`AcquireExpired`).
+
+    The waits are kept in a dict, task to deadline, oldest first: registering one allocates
+    nothing, and one that ends is forgotten at once, in O(1). (A queue of records could only be
+    trimmed at its front, and the pool does not serve its waiters strictly in order: a call that
+    comes just as a connection is given back can take it before the waiter woken for it, so
+    finished records would pile up behind an older wait until the watchdog next woke.)
 
     The client inlines :meth:`acquire` (``enter``, ``expired``, ``leave``) on every call's path.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.entries: deque[list[Any]] = deque()
-        """One ``[deadline, task (None once served), expired]`` per wait, oldest first."""
+        self.waiting: dict[Any, float] = {}
+        """The waiting tasks and their deadlines, oldest first; ``EXPIRED`` once cancelled."""
         self.watchdog: asyncio.Task[None] | None = None
 
     async def acquire(self, pool: asyncpg.Pool[Any]) -> Any:
         """``await pool.acquire()``, raising :class:`AcquireExpired` after ``timeout``."""
-        entry = self.enter()
+        task = self.enter()
         try:
             return await pool.acquire()
         except asyncio.CancelledError:
-            if self.expired(entry):
+            if self.expired(task):
                 raise AcquireExpired() from None
             raise
         finally:
-            self.leave(entry)
+            self.leave(task)
 
-    def enter(self) -> list[Any]:
-        """Register the current task's wait; call :meth:`leave` once it is over."""
-        entry = [time.monotonic() + self.timeout, asyncio.current_task(), False]
-        self.entries.append(entry)
+    def enter(self) -> Any:
+        """Register the current task's wait and return the task; :meth:`leave` it once over."""
+        task = asyncio.current_task()
+        self.waiting[task] = time.monotonic() + self.timeout
         if self.watchdog is None:
-            self.watchdog = asyncio.get_running_loop().create_task(self._watch())
-        return entry
+            self.start_watchdog()
+        return task
 
-    def leave(self, entry: list[Any]) -> None:
-        """The wait is over: forget it, and the finished ones ahead of it."""
-        entry[1] = None
-        # Waits are served in order, so finished ones are at the front: drop them now rather
-        # than let thousands pile up until the watchdog wakes (the collector would scan them).
-        entries = self.entries
-        while entries and entries[0][1] is None:
-            entries.popleft()
+    def leave(self, task: Any) -> None:
+        """The wait of ``task`` is over."""
+        del self.waiting[task]
 
-    @staticmethod
-    def expired(entry: list[Any]) -> bool:
+    def expired(self, task: Any) -> bool:
         """After a cancellation: whether the watchdog caused it (then it is undone)."""
-        if not entry[2]:
+        if self.waiting.get(task) != EXPIRED:
             return False
-        task = entry[1]
-        if task is not None and hasattr(task, "uncancel"):
+        if hasattr(task, "uncancel"):
             task.uncancel()
         return True
 
+    def start_watchdog(self) -> None:
+        """Start the task that cancels overdue waits; it stops once nobody waits."""
+        self.watchdog = asyncio.get_running_loop().create_task(self._watch())
+
     async def _watch(self) -> None:
-        entries = self.entries
+        waiting = self.waiting
         try:
             while True:
                 now = time.monotonic()
-                while entries and (entries[0][1] is None or entries[0][0] <= now):
-                    entry = entries.popleft()
-                    task = entry[1]
-                    if task is not None:
-                        entry[2] = True
-                        task.cancel()
-                if not entries:
+                overdue: list[Any] = []
+                wake: float | None = None
+                for task, deadline in waiting.items():
+                    if deadline > now:
+                        wake = deadline
+                        break
+                    if deadline != EXPIRED:  # else: cancelled already, not resumed yet
+                        overdue.append(task)
+                for task in overdue:
+                    waiting[task] = EXPIRED  # the task forgets its wait itself, in leave()
+                    task.cancel()
+                if wake is None:
                     return
-                await asyncio.sleep(entries[0][0] - now)
+                await asyncio.sleep(wake - now)
         finally:
             self.watchdog = None
 

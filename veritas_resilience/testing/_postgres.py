@@ -63,6 +63,10 @@ _INSTALL_HINT = (
 )
 _BINDIR_ENV = "VERITAS_PG_BINDIR"
 _SQLSTATE = re.compile(r"\b(?:ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):")
+# A duration as PostgreSQL reads a time setting: a number, then an optional unit (none: the
+# setting's own unit, milliseconds for recovery_min_apply_delay).
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|ms|s|min|h|d)?\s*")
+_MS_PER_UNIT = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def _default_settings(host: str) -> dict[str, SettingValue]:
@@ -89,6 +93,15 @@ def _default_settings(host: str) -> dict[str, SettingValue]:
         "jit": False,
         "log_min_messages": "warning",
     }
+
+
+def _duration_ms(value: SettingValue) -> int:
+    """Milliseconds of a duration such as ``"500ms"``, rounded as PostgreSQL rounds it."""
+    match = _DURATION.fullmatch(str(value)) if not isinstance(value, bool) else None
+    if match is None:
+        raise ValueError(f"delay must be a duration such as '500ms' or '2s', got {value!r}")
+    number, unit = match.groups()
+    return round(float(number) * _MS_PER_UNIT.get(unit, 1))
 
 
 def _format_setting(value: SettingValue) -> str:
@@ -586,7 +599,7 @@ class LocalPostgresCluster:
             self.query(node, "CHECKPOINT")
             if self._apply_delay.pop(node.name, None) is not None:
                 self.query(node, "ALTER SYSTEM RESET recovery_min_apply_delay")
-                self.query(node, "SELECT pg_reload_conf()")
+                self._reload(node)
             node.role, node.upstream = "primary", None
             self._primary = node
 
@@ -607,7 +620,7 @@ class LocalPostgresCluster:
             source = source or self.primary
             conninfo = self._primary_conninfo(node, source)
             self.query(node, f"ALTER SYSTEM SET primary_conninfo = {_format_setting(conninfo)}")
-            self.query(node, "SELECT pg_reload_conf()")
+            self._reload(node)
             node.upstream = source
             self.wait_streaming(node)
 
@@ -693,36 +706,62 @@ class LocalPostgresCluster:
             self._wait(lambda: not self.is_in_recovery(node), f"{node.name} to run as a primary")
             node.role, node.upstream = "primary", None
 
-    def set_apply_delay(self, node: PostgresNode, delay: str | None) -> None:
+    def set_apply_delay(
+        self, node: PostgresNode, delay: str | None, *, timeout: float | None = None
+    ) -> None:
         """Make a standby replay commits late (``recovery_min_apply_delay``), to create lag.
 
-        Applied with ``ALTER SYSTEM`` and a reload, so the node keeps streaming. The kit
-        remembers the value: :meth:`rewind_as_standby` writes it back after ``pg_rewind`` has
-        replaced the node's ``postgresql.auto.conf``, and :meth:`promote` drops it.
+        Applied with ``ALTER SYSTEM`` and a reload, so the node keeps streaming. Returns once the
+        standby runs with the new value: a commit made on the primary after this returns is
+        replayed with the new delay. The kit remembers the value: :meth:`rewind_as_standby`
+        writes it back after ``pg_rewind`` has replaced the node's ``postgresql.auto.conf``, and
+        :meth:`promote` drops it.
 
         Args:
             node: A running standby.
-            delay: A PostgreSQL duration such as ``"500ms"``; ``None`` or ``"0"`` removes it.
+            delay: A PostgreSQL duration such as ``"500ms"`` or ``"2s"`` (no unit: milliseconds);
+                ``None`` or ``"0"`` removes it.
+            timeout: Seconds to wait for the standby to take the new value (default: the
+                cluster's ``timeout``).
+
+        Raises:
+            ValueError: If ``delay`` is not a duration.
+            TimeoutError: If the standby has not reloaded its configuration within ``timeout``
+                (the message shows the end of its log).
+            RuntimeError: If it reloaded but runs with another value (the message says which).
         """
         with self._lock:
             if delay is None or delay.strip() in ("", "0"):
+                # Without the kit's value, the one of postgresql.conf applies again.
+                expected = _duration_ms(self._settings.get("recovery_min_apply_delay", 0))
                 self._apply_delay.pop(node.name, None)
                 self.query(node, "ALTER SYSTEM RESET recovery_min_apply_delay")
             else:
+                expected = _duration_ms(delay)
                 self._apply_delay[node.name] = delay
                 self.query(
                     node, f"ALTER SYSTEM SET recovery_min_apply_delay = {_format_setting(delay)}"
                 )
-            self.query(node, "SELECT pg_reload_conf()")
+            self._reload(node, timeout)
+            actual = self.query(
+                node, "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
+            )
+            if actual != str(expected):
+                raise RuntimeError(
+                    f"{node.name} reloaded its configuration but runs with "
+                    f"recovery_min_apply_delay = {actual} ms, not {expected} ms"
+                )
 
     def alter_system(self, node: PostgresNode, setting: str, value: SettingValue | None) -> None:
         """Change a setting with ``ALTER SYSTEM`` and reload (``None`` resets it).
 
         For example ``alter_system(primary, "default_transaction_read_only", True)`` gives a
-        read-only primary. Settings that need a restart take effect at the next start.
+        read-only primary. Returns once the node has reloaded its configuration, so new sessions
+        see the new value. Settings that need a restart take effect at the next start.
 
         Raises:
             ValueError: If ``setting`` is not a plain identifier.
+            TimeoutError: If the node does not reload its configuration within the timeout.
         """
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", setting):
             raise ValueError(f"setting must be a configuration parameter name, got {setting!r}")
@@ -730,7 +769,7 @@ class LocalPostgresCluster:
             self.query(node, f"ALTER SYSTEM RESET {setting}")
         else:
             self.query(node, f"ALTER SYSTEM SET {setting} = {_format_setting(value)}")
-        self.query(node, "SELECT pg_reload_conf()")
+        self._reload(node)
 
     # -- inspection and waiting ----------------------------------------------------------------
 
@@ -848,6 +887,28 @@ class LocalPostgresCluster:
         self._wait(replayed, f"{node.name} to replay up to {target}", timeout)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _reload(self, node: PostgresNode, timeout: float | None = None) -> None:
+        """``pg_reload_conf()``, then wait until the node runs with its new configuration.
+
+        ``pg_reload_conf()`` only signals the postmaster and returns. The postmaster re-reads the
+        files, stamps ``pg_conf_load_time()`` and passes the signal on to its children in one go,
+        never while it starts a session. So once a new session reports a later load time, every
+        new session sees the new values, and the other processes have been signalled: the
+        startup process of a standby takes the new values before it replays its next record.
+        """
+        before = self.query(node, "SELECT pg_conf_load_time()")
+        self.query(node, "SELECT pg_reload_conf()")
+        check = f"SELECT pg_conf_load_time() > '{before}'::timestamptz"
+        limit = self.timeout if timeout is None else timeout
+        what = f"{node.name} to reload its configuration after pg_reload_conf()"
+        try:
+            self._wait(lambda: self.query(node, check) == "t", what, limit)
+        except TimeoutError as exc:
+            # A configuration file that does not parse is not loaded at all; the log says why.
+            raise TimeoutError(
+                f"{exc} ({limit:g} s)\n--- {node.name} log (tail) ---\n{self._log_tail(node)}"
+            ) from None
 
     def _wait_exit(self, node: PostgresNode, pid: int, timeout: float, kill: bool = True) -> bool:
         """Wait until the postmaster ``pid`` has exited; SIGKILL it on timeout if ``kill``."""
