@@ -527,6 +527,7 @@ class FailoverClient(Instrumented):
         self._state = _STARTING
         self._started = False
         self._start_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._primary_rt: NodeRuntime | None = None
         self._changed: asyncio.Event | None = None
         self._seen_version = -1
@@ -611,6 +612,9 @@ class FailoverClient(Instrumented):
         async with self._start_lock:
             if self._state != _STARTING:
                 return
+            # The loop the pools belong to: current_task(loop) skips looking it up (which costs
+            # a getpid() system call each time) on every call that waits for a connection.
+            self._loop = asyncio.get_running_loop()
             for rt in self._runtimes:
                 await rt.start_pool(
                     max_queries=self._max_queries,
@@ -1004,7 +1008,7 @@ class FailoverClient(Instrumented):
                 # this is every waiting call's path).
                 guard = node.guard
                 waiting = guard.waiting
-                task = _current_task()
+                task = _current_task(self._loop)
                 waiting[task] = _monotonic() + guard.timeout
                 if guard.watchdog is None:
                     guard.start_watchdog()
