@@ -42,6 +42,7 @@ class SpeedupsBuildHook(BuildHookInterface):
         try:
             built = self._compile(root)
         except Exception as exc:
+            self._cleanup()
             if _flag("VERITAS_RESILIENCE_REQUIRE_EXTENSIONS"):
                 raise
             warnings.warn(
@@ -55,14 +56,24 @@ class SpeedupsBuildHook(BuildHookInterface):
         if version == "editable":
             # The editable install imports from the source tree: put the module there.
             shutil.copyfile(built, target)
+            self._cleanup()
         else:
             build_data["force_include"][str(built)] = f"veritas_resilience/{target.name}"
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        out = getattr(self, "_out", None)
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            self._out = None
 
     def _compile(self, root: Path) -> Path:
         from setuptools import Distribution, Extension
         from setuptools.command.build_ext import build_ext
 
-        out = Path(tempfile.mkdtemp(prefix="veritas-speedups-"))
+        out = self._out = Path(tempfile.mkdtemp(prefix="veritas-speedups-"))
         extension = Extension(
             _MODULE, [str(root / _SOURCE)], extra_compile_args=["-O2"] if os.name != "nt" else []
         )
