@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import typing
 import warnings
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -62,6 +63,13 @@ def test_a_decorated_function_looks_like_the_coroutine_function_it_wraps() -> No
     assert inspect.iscoroutinefunction(lookup)
     assert asyncio.iscoroutinefunction(lookup)
     assert lookup.breaker is module_breaker  # type: ignore[attr-defined]
+    assert lookup.__globals__ is globals()
+    assert typing.get_type_hints(lookup) == {
+        "key": str,
+        "default": int,
+        "scale": int,
+        "return": int,
+    }
     assert "lookup" in repr(lookup) and "module-level" in repr(lookup)
 
 

@@ -1126,6 +1126,8 @@ def _compiled_wrapper(core: Any, fn: Callable[P, Any]) -> Callable[P, Any]:
     wrapper.__code__ = fn.__code__
     wrapper.__defaults__ = fn.__defaults__
     wrapper.__kwdefaults__ = fn.__kwdefaults__
+    # Tools that resolve string annotations with the callable's own globals (FastAPI does).
+    wrapper.__globals__ = fn.__globals__
     wrapper.breaker = core.breaker
     if sys.version_info >= (3, 12):
         inspect.markcoroutinefunction(wrapper)
