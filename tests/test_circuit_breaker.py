@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 from collections.abc import Callable
@@ -688,20 +689,25 @@ async def test_context_manager_is_safe_across_concurrent_tasks(clock: FakeClock)
 
 
 def test_sync_use_from_many_threads() -> None:
-    """Sync calls from 8 threads are all counted and trip the breaker exactly once."""
+    """Sync calls from 8 threads (call_sync and the decorator) are all counted and trip the
+    breaker exactly once."""
     hook = Recorder()
     breaker = CircuitBreaker(name="threads", failure_threshold=50, hooks=[hook])
+    decorated = breaker(_maybe_fail)
     barrier = threading.Barrier(8)
 
-    def worker() -> None:
+    def worker(use_decorator: bool) -> None:
         barrier.wait()
         for i in range(500):
             try:
-                breaker.call_sync(_maybe_fail, i)
+                if use_decorator:
+                    decorated(i)
+                else:
+                    breaker.call_sync(_maybe_fail, i)
             except (Boom, CircuitOpenError):
                 pass
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(n % 2 == 0,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -709,6 +715,43 @@ def test_sync_use_from_many_threads() -> None:
     calls = breaker.snapshot().calls
     assert sum(calls.values()) == 8 * 500
     assert hook.transitions() == [("closed", "open")]
+
+
+def test_sync_decorator_counts_rejects_and_probes(clock: FakeClock) -> None:
+    """A decorated plain function: failures open the breaker, an open breaker does not run it,
+    and after the reset timeout one call is the probe that closes it again."""
+    breaker = make(clock, failure_threshold=2, reset_timeout=5)
+    ran: list[int] = []
+
+    @breaker
+    def lookup(key: int, *, fail: bool = False) -> int:
+        """Find a key."""
+        ran.append(key)
+        if fail:
+            raise Boom
+        return key * 2
+
+    assert lookup.__name__ == "lookup" and lookup.__doc__ == "Find a key."
+    assert not inspect.iscoroutinefunction(lookup)
+    assert lookup(1) == 2
+    for key in (2, 3):
+        with pytest.raises(Boom):
+            lookup(key, fail=True)
+    assert state_of(breaker) is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError) as rejected:
+        lookup(4)
+    assert rejected.value.retry_after == 5.0
+    assert ran == [1, 2, 3]
+    clock.advance(5)
+    assert lookup(5) == 10
+    assert state_of(breaker) is CircuitState.CLOSED
+    assert breaker.snapshot().calls == {
+        "success": 2,
+        "failure": 2,
+        "ignored": 0,
+        "cancelled": 0,
+        "rejected": 1,
+    }
 
 
 def _maybe_fail(i: int) -> int:

@@ -73,6 +73,23 @@ def test_a_decorated_function_looks_like_the_coroutine_function_it_wraps() -> No
     assert "lookup" in repr(lookup) and "module-level" in repr(lookup)
 
 
+def test_a_decorated_plain_function_is_compiled_and_not_a_coroutine_function() -> None:
+    """A plain function gets the compiled wrapper too, and still looks like a plain function."""
+
+    def render(template: str, *, strict: bool = False) -> str:
+        """Render a template."""
+        return template.upper()
+
+    guarded = CircuitBreaker(hooks=[])(render)
+    assert type(guarded).__name__ == "Guarded"
+    assert not inspect.iscoroutinefunction(guarded)
+    assert not asyncio.iscoroutinefunction(guarded)
+    assert inspect.signature(guarded) == inspect.signature(render)
+    assert guarded.__doc__ == "Render a template."
+    assert guarded("a", strict=True) == "A"
+    assert guarded.breaker.snapshot().calls["success"] == 1  # type: ignore[attr-defined]
+
+
 def test_a_decorated_function_pickles_by_reference_like_a_function() -> None:
     """Pickling a decorated module-level function gives back the same object."""
     assert pickle.loads(pickle.dumps(lookup)) is lookup

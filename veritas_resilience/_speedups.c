@@ -35,7 +35,7 @@
 static PyObject *s_failures, *s_now,
     *s_acquire, *s_on_result, *s_on_exception, *s_fast_success_reset, *s_n_success,
     *s_n_rejected, *s_name, *s_close, *s_throw, *s_qualname, *s_open_text,
-    *s_record_duration, *s_observe;
+    *s_record_duration, *s_observe, *s_call_sync;
 static PyObject *g_closed_state = NULL; /* CircuitState.CLOSED */
 static PyObject *g_open_error = NULL;   /* CircuitOpenError */
 
@@ -383,9 +383,9 @@ Call_dealloc(CallObject *self)
 
 /* The permit the Python side expects for a fast-path call: (gen, 0, CLOSED, start). */
 static PyObject *
-fast_permit(CallObject *self)
+fast_permit(Py_ssize_t generation, PyObject *start)
 {
-    PyObject *gen = PyLong_FromSsize_t(self->gen);
+    PyObject *gen = PyLong_FromSsize_t(generation);
     if (gen == NULL) {
         return NULL;
     }
@@ -394,25 +394,25 @@ fast_permit(CallObject *self)
         Py_DECREF(gen);
         return NULL;
     }
-    PyObject *permit =
-        PyTuple_Pack(4, gen, zero, g_closed_state, self->start ? self->start : Py_None);
+    PyObject *permit = PyTuple_Pack(4, gen, zero, g_closed_state, start ? start : Py_None);
     Py_DECREF(gen);
     Py_DECREF(zero);
     return permit;
 }
 
-/* The call ended with the exception now raised: report it and leave it raised. */
+/* A call ended with the exception now raised: report it to the breaker and leave it raised.
+ * `permit` is the Python path's permit, or NULL for the fast path at `gen`. */
 static void
-record_exception(CallObject *self)
+report_exception(CoreObject *core, PyObject *permit, Py_ssize_t gen, PyObject *start)
 {
     PyObject *exc = fetch_exception();
     if (exc == NULL) {
         return;
     }
-    PyObject *permit = self->permit != NULL ? Py_NewRef(self->permit) : fast_permit(self);
+    permit = permit != NULL ? Py_NewRef(permit) : fast_permit(gen, start);
     PyObject *r = NULL;
     if (permit != NULL) {
-        r = call_method2(self->core->breaker, s_on_exception, permit, exc);
+        r = call_method2(core->breaker, s_on_exception, permit, exc);
         Py_DECREF(permit);
     }
     if (r == NULL) {
@@ -431,27 +431,19 @@ record_exception(CallObject *self)
     restore_exception(exc);
 }
 
-/* The call returned `value` (borrowed). -1 with an error set if reporting failed. */
+/* A fast-path call at `gen` succeeded. -1 with an error set if reporting failed. */
 static int
-record_result(CallObject *self, PyObject *value)
+report_fast_success(CoreObject *core, Py_ssize_t gen, PyObject *start)
 {
-    PyObject *breaker = self->core->breaker;
-    if (self->permit != NULL) {
-        PyObject *r = call_method2(breaker, s_on_result, self->permit, value);
-        if (r == NULL) {
-            return -1;
-        }
-        Py_DECREF(r);
-        return 0;
-    }
-    if (self->start != NULL) {
-        PyObject *r = call_method1(breaker, s_observe, self->start);
+    PyObject *breaker = core->breaker;
+    if (start != NULL) {
+        PyObject *r = call_method1(breaker, s_observe, start);
         if (r == NULL) {
             return -1;
         }
         Py_DECREF(r);
     }
-    PyObject *counted = PyIter_Next(self->core->n_success);
+    PyObject *counted = PyIter_Next(core->n_success);
     if (counted == NULL) {
         return -1;
     }
@@ -466,18 +458,39 @@ record_result(CallObject *self, PyObject *value)
         return -1;
     }
     if (nonzero) {
-        PyObject *gen = PyLong_FromSsize_t(self->gen);
-        if (gen == NULL) {
+        PyObject *generation = PyLong_FromSsize_t(gen);
+        if (generation == NULL) {
             return -1;
         }
-        PyObject *r = call_method1(breaker, s_fast_success_reset, gen);
-        Py_DECREF(gen);
+        PyObject *r = call_method1(breaker, s_fast_success_reset, generation);
+        Py_DECREF(generation);
         if (r == NULL) {
             return -1;
         }
         Py_DECREF(r);
     }
     return 0;
+}
+
+static void
+record_exception(CallObject *self)
+{
+    report_exception(self->core, self->permit, self->gen, self->start);
+}
+
+/* The call returned `value` (borrowed). -1 with an error set if reporting failed. */
+static int
+record_result(CallObject *self, PyObject *value)
+{
+    if (self->permit != NULL) {
+        PyObject *r = call_method2(self->core->breaker, s_on_result, self->permit, value);
+        if (r == NULL) {
+            return -1;
+        }
+        Py_DECREF(r);
+        return 0;
+    }
+    return report_fast_success(self->core, self->gen, self->start);
 }
 
 /* Drop what an unstarted call holds, closing a coroutine so that it warns of nothing. */
@@ -535,6 +548,28 @@ reject_open(CoreObject *core, double now, double reopen_at)
     Py_DECREF(err);
 }
 
+/* While OPEN with no hook to tell: 1 (with CircuitOpenError raised) if the breaker rejects now,
+ * 0 if its open time is over (Python then half-opens it), -1 on another error. */
+static int
+rejected_while_open(CoreObject *core)
+{
+    double reopen_at = core->open_until;
+    PyObject *t = PyObject_CallNoArgs(core->now);
+    if (t == NULL) {
+        return -1;
+    }
+    double now = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (now < reopen_at) {
+        reject_open(core, now, reopen_at);
+        return 1;
+    }
+    return 0;
+}
+
 /* Admit the call (the first step of the await). -1 with an error set when rejected. */
 static int
 admit(CallObject *self)
@@ -552,21 +587,8 @@ admit(CallObject *self)
         }
         return 0;
     }
-    if (gen == PATH_OPEN) {
-        double reopen_at = core->open_until;
-        PyObject *t = PyObject_CallNoArgs(core->now);
-        if (t == NULL) {
-            return -1;
-        }
-        double now = PyFloat_AsDouble(t);
-        Py_DECREF(t);
-        if (now == -1.0 && PyErr_Occurred()) {
-            return -1;
-        }
-        if (now < reopen_at) {
-            reject_open(core, now, reopen_at);
-            return -1;
-        }
+    if (gen == PATH_OPEN && rejected_while_open(core)) {
+        return -1;
     }
     /* Everything else (half-open, forced open, the slow policies, hooks) is decided in Python. */
     PyObject *permit = call_method0(breaker, s_acquire);
@@ -925,13 +947,62 @@ Guarded_vectorcall(GuardedObject *self, PyObject *const *args, size_t nargsf, Py
     return (PyObject *)call;
 }
 
+/* A plain function through the breaker: the CLOSED fast path and the plain OPEN rejection
+ * here, everything else through the breaker's call_sync(). */
+static PyObject *
+Guarded_sync_vectorcall(GuardedObject *self, PyObject *const *args, size_t nargsf,
+                        PyObject *kwnames)
+{
+    CoreObject *core = self->core;
+    Py_ssize_t gen = core->path;
+    if (gen >= 0 && !core->timed) {
+        PyObject *result = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+        if (result == NULL) {
+            report_exception(core, NULL, gen, NULL);
+            return NULL;
+        }
+        if (report_fast_success(core, gen, NULL) < 0) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        return result;
+    }
+    if (gen == PATH_OPEN) {
+        int rejected = rejected_while_open(core);
+        if (rejected) {
+            return NULL;
+        }
+    }
+    /* breaker.call_sync(fn, *args, **kwargs) */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    Py_ssize_t total = nargs + nkw;
+    PyObject *small[8];
+    PyObject **argv = total + 3 <= 8 ? small : PyMem_Malloc((size_t)(total + 3) * sizeof(PyObject *));
+    if (argv == NULL) {
+        return PyErr_NoMemory();
+    }
+    argv[1] = core->breaker;
+    argv[2] = self->fn;
+    for (Py_ssize_t i = 0; i < total; i++) {
+        argv[i + 3] = args[i];
+    }
+    PyObject *result = PyObject_VectorcallMethod(
+        s_call_sync, argv + 1, (size_t)(nargs + 2) | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+    if (argv != small) {
+        PyMem_Free(argv);
+    }
+    return result;
+}
+
 static PyObject *
 Guarded_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"core", "fn", NULL};
+    static char *kwlist[] = {"core", "fn", "sync", NULL};
     PyObject *core, *fn;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O:Guarded", kwlist, &Core_Type, &core,
-                                     &fn)) {
+    int sync = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O|$p:Guarded", kwlist, &Core_Type, &core,
+                                     &fn, &sync)) {
         return NULL;
     }
     if (!PyCallable_Check(fn)) {
@@ -942,7 +1013,8 @@ Guarded_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self == NULL) {
         return NULL;
     }
-    self->vectorcall = (vectorcallfunc)Guarded_vectorcall;
+    self->vectorcall =
+        (vectorcallfunc)(sync ? Guarded_sync_vectorcall : Guarded_vectorcall);
     self->core = (CoreObject *)Py_NewRef(core);
     self->fn = Py_NewRef(fn);
     self->dict = NULL;
@@ -1024,7 +1096,8 @@ static PyGetSetDef Guarded_getset[] = {
 
 static PyTypeObject Guarded_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "veritas_resilience._speedups.Guarded",
-    .tp_doc = "Guarded(core, fn): an async function whose calls go through a breaker.",
+    .tp_doc = "Guarded(core, fn, *, sync=False): a function whose calls go through a breaker "
+              "(an async def; with sync=True a plain function).",
     .tp_basicsize = sizeof(GuardedObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
                 Py_TPFLAGS_METHOD_DESCRIPTOR,
@@ -1116,6 +1189,7 @@ PyInit__speedups(void)
     INTERN(s_open_text, "open");
     INTERN(s_record_duration, "_record_duration");
     INTERN(s_observe, "_observe");
+    INTERN(s_call_sync, "call_sync");
     if (PyType_Ready(&Core_Type) < 0 || PyType_Ready(&Call_Type) < 0 ||
         PyType_Ready(&Guarded_Type) < 0) {
         return NULL;

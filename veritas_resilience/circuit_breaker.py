@@ -1035,6 +1035,11 @@ class CircuitBreaker(_hooks.Instrumented):
                 "a circuit breaker cannot decorate a generator function: its outcome is not "
                 "known when it returns; wrap the code that consumes it instead"
             )
+        if self._core is not None and _speedups is not None and inspect.isfunction(fn):
+            wrapper = _speedups.Guarded(self._core, fn, sync=True)
+            functools.update_wrapper(wrapper, fn)
+            wrapper.breaker = self
+            return wrapper  # type: ignore[no-any-return]
         call_sync = self.call_sync
 
         @functools.wraps(fn)
