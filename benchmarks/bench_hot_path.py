@@ -104,7 +104,7 @@ async def build_async_cases() -> tuple[dict[str, AsyncCase], dict[str, AsyncCase
     async def passthrough(*args: Any, **kwargs: Any) -> int:
         return await op(*args, **kwargs)
 
-    closed["(floor) a do-nothing async wrapper"] = passthrough
+    closed["(reference) a do-nothing async wrapper"] = passthrough
 
     def make_opened(name: str) -> CircuitBreaker:
         return CircuitBreaker(
@@ -124,7 +124,7 @@ async def build_async_cases() -> tuple[dict[str, AsyncCase], dict[str, AsyncCase
     async def raise_only() -> int:
         raise CircuitOpenError("x", "open", 1.0)
 
-    rejected["(floor) bare coroutine raising the same error"] = _rejecting(
+    rejected["(reference) a bare coroutine raising the same error"] = _rejecting(
         raise_only, CircuitOpenError
     )
 
@@ -387,15 +387,15 @@ async def main_async(quick: bool) -> str:
         f"- CLOSED overhead, default hooks (Prometheus + structlog): {ours_closed:.0f} ns "
         f"({_verdict(ours_closed, 150)}); pure Python: {pure_closed:.0f} ns; "
         f"best peer: {min(peers_closed.values()) - bare:.0f} ns "
-        f"({min(peers_closed, key=peers_closed.__getitem__)}); floor (any async decorator that "
-        f"forwards *args/**kwargs): "
-        f"{async_results['(floor) a do-nothing async wrapper'] - bare:.0f} ns.",
+        f"({min(peers_closed, key=peers_closed.__getitem__)}); a do-nothing `async def` "
+        "wrapper forwarding *args/**kwargs: "
+        f"{async_results['(reference) a do-nothing async wrapper'] - bare:.0f} ns.",
         f"- OPEN rejection over a bare await: {ours_rej:.0f} ns ({_verdict(ours_rej, 400)}); "
         f"pure Python: {pure_rej:.0f} ns; best peer: "
         f"{min(peers_rej.values()) - rej_bare:.0f} ns "
         f"({min(peers_rej, key=peers_rej.__getitem__)}); "
         f"a bare coroutine raising the same error: "
-        f"{rej_results['(floor) bare coroutine raising the same error'] - rej_bare:.0f} ns.",
+        f"{rej_results['(reference) a bare coroutine raising the same error'] - rej_bare:.0f} ns.",
     ]
     return "\n".join(out)
 
