@@ -15,6 +15,7 @@ test while the topology changes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
 import secrets
@@ -803,6 +804,31 @@ class LocalRedisSentinel(_Topology):
             what=f"every replica to be in sync with {master}",
         )
 
+    def _replicas_seen_by_sentinels(self, master: _Address) -> Callable[[], bool]:
+        """A check that every running Sentinel sees every other running data node as a
+        replica of ``master`` with its link up."""
+        expected = {n.address for n in self._data if n.running and n.address != master}
+
+        def check() -> bool:
+            for server in self._sentinel_nodes:
+                if not server.running:
+                    continue
+                replies = _call(
+                    server.address,
+                    self._sentinel_password,
+                    *("SENTINEL", "REPLICAS", self._service_name),
+                )
+                seen = set()
+                for reply in replies:
+                    fields = _pairs(reply)
+                    if fields.get("flags") == "slave" and fields.get("master-link-status") == "ok":
+                        seen.add((fields["ip"], int(fields["port"])))
+                if not expected <= seen:
+                    return False
+            return True
+
+        return check
+
     # -- faults --
 
     def failover(self, timeout: float = 30.0) -> _Address:
@@ -812,9 +838,16 @@ class LocalRedisSentinel(_Topology):
         is ``master``. The old master keeps running; Sentinel converts it into a replica of the
         new one a few seconds later (poll its ``ROLE``, or call :meth:`wait_replicas_synced`).
 
+        First it waits (for at most half the time left) for the topology to settle: replicas in
+        sync, and every Sentinel seeing them as replicas. A failover asked for right after
+        another can pick a node that a Sentinel which missed the last change then turns back,
+        and Sentinel aborts it (``-failover-abort-slave-timeout``). If a failover is aborted
+        anyway, it settles and asks again, until ``timeout``.
+
         Args:
-            timeout: Seconds to wait, for a Sentinel to accept the command (it refuses while
-                another failover is in progress or no replica is fit) and for the switch.
+            timeout: Seconds to wait, for the topology to settle, for a Sentinel to accept the
+                command (it refuses while another failover is in progress or no replica is
+                fit) and for the switch.
 
         Returns:
             The new master's address.
@@ -823,7 +856,34 @@ class LocalRedisSentinel(_Topology):
             TimeoutError: If the failover does not complete in time.
         """
         deadline = time.monotonic() + timeout
-        old = self.master
+        while True:
+            old = self.master
+            # Best effort, within half the time left: a paused or lagging node never settles,
+            # and Sentinel can still fail over without it.
+            settle_by = time.monotonic() + max(deadline - time.monotonic(), 0.2) / 2
+            with contextlib.suppress(TimeoutError):
+                _wait_until(
+                    self._replicas_in_sync_with(old),
+                    timeout=max(settle_by - time.monotonic(), 0.1),
+                    what=f"every replica to be in sync with {old} before the failover",
+                )
+                _wait_until(
+                    self._replicas_seen_by_sentinels(old),
+                    timeout=max(settle_by - time.monotonic(), 0.1),
+                    what="every Sentinel to see the replicas as replicas before the failover",
+                )
+            self._ask_failover(deadline)
+            # A failover that has not switched in 10 s was aborted: Sentinel's own limit for
+            # the promotion with the kit's timers is a few seconds.
+            attempt = min(10.0, max(deadline - time.monotonic(), 0.1))
+            try:
+                return self.wait_for_master_change(old, attempt)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _ask_failover(self, deadline: float) -> None:
+        """Send ``SENTINEL FAILOVER`` to the first running Sentinel that accepts it."""
 
         def ask() -> bool:
             error: redis.RedisError | None = None
@@ -844,9 +904,11 @@ class LocalRedisSentinel(_Topology):
             raise RuntimeError("no Sentinel is running")
 
         _wait_until(
-            ask, timeout=timeout, what="a Sentinel to accept SENTINEL FAILOVER", interval=0.2
+            ask,
+            timeout=max(deadline - time.monotonic(), 0.1),
+            what="a Sentinel to accept SENTINEL FAILOVER",
+            interval=0.2,
         )
-        return self.wait_for_master_change(old, max(deadline - time.monotonic(), 0.1))
 
     def kill_master(self) -> _Address:
         """SIGKILL the current master (as the Sentinels report it).
