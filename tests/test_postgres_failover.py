@@ -13,6 +13,7 @@ import time
 import pytest
 from _pg_support import client, eventually, name, query, readable, run
 
+from veritas_resilience import BreakerCallFailed
 from veritas_resilience.postgres import (
     CommitOutcomeUnknownError,
     NodeFencedError,
@@ -255,10 +256,13 @@ async def test_all_nodes_down_fails_fast_with_the_breaker_open_then_recovers(
     pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
     """A standby down: reads fall back to the primary. Everything down: calls fail at once with
-    NoPrimaryError, the primary's breaker opens; when the nodes return, calls succeed again."""
+    NoPrimaryError, the primary's breaker opens (its failure events name the driver's error);
+    when the nodes return, calls succeed again."""
     cluster = await fresh(pg_cluster_factory)
     primary, standby = cluster.primary, cluster.standbys[0]
-    async with client([n.dsn for n in cluster.nodes], breaker_options={"reset_timeout": 1.0}) as db:
+    hook = Recorder()
+    nodes = [n.dsn for n in cluster.nodes]
+    async with client(nodes, breaker_options={"reset_timeout": 1.0}, hooks=[hook]) as db:
         await run(cluster.stop_node, standby, "fast")
         for _ in range(20):
             assert await db.fetchval("SELECT inet_server_port()", route="prefer_standby") == (
@@ -273,6 +277,11 @@ async def test_all_nodes_down_fails_fast_with_the_breaker_open_then_recovers(
         assert time.monotonic() - start < 2.0
         await eventually(lambda: db._topology.all_down, 2.0, "every node marked down")
         assert db.breaker(name(primary)).state.value == "open"
+        failures = [str(e.error) for e in hook.of(BreakerCallFailed) if e.error is not None]
+        assert failures, "the breaker reported no failure"
+        # A connect failure says so, and which driver error it was (never a bare "connect").
+        assert all(f.startswith("not sent (connect): ") for f in failures if "connect" in f)
+        assert any("Error" in f.split(": ", 2)[1] for f in failures if f.startswith("not sent"))
         start = time.monotonic()
         for _ in range(100):
             with pytest.raises(NoPrimaryError) as info:

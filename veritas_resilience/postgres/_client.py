@@ -268,6 +268,12 @@ class _NotSent(Exception):
         self.kind = kind
         self.error = error
 
+    def __str__(self) -> str:
+        # What a breaker's failure log shows: the reason and the driver's error behind it.
+        if self.error is None:
+            return f"not sent ({self.kind})"
+        return f"not sent ({self.kind}): {type(self.error).__name__}: {self.error}"
+
 
 def _breaker_failure(exc: BaseException) -> bool:
     if isinstance(exc, _NotSent):
