@@ -90,6 +90,21 @@ def test_a_decorated_plain_function_is_compiled_and_not_a_coroutine_function() -
     assert guarded.breaker.snapshot().calls["success"] == 1  # type: ignore[attr-defined]
 
 
+def test_stacked_breakers_on_a_plain_function_stay_plain() -> None:
+    """A breaker over a compiled plain-function wrapper does not take it for a coroutine."""
+    outer = CircuitBreaker(name="outer", hooks=[])
+    inner = CircuitBreaker(name="inner", hooks=[])
+
+    @outer
+    @inner
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert not inspect.iscoroutinefunction(double)
+    assert double(4) == 8
+    assert outer.snapshot().calls["success"] == inner.snapshot().calls["success"] == 1
+
+
 def test_a_decorated_function_pickles_by_reference_like_a_function() -> None:
     """Pickling a decorated module-level function gives back the same object."""
     assert pickle.loads(pickle.dumps(lookup)) is lookup

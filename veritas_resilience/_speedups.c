@@ -1119,18 +1119,6 @@ static PyTypeObject Guarded_Type = {
 /* module                                                                                   */
 
 static PyObject *
-mod_call(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
-         PyObject *kwnames)
-{
-    /* call(core, fn, /, *args, **kwargs) */
-    if (nargs < 2 || !PyObject_TypeCheck(args[0], &Core_Type)) {
-        PyErr_SetString(PyExc_TypeError, "call() needs a Core and a function");
-        return NULL;
-    }
-    return deferred_call((CoreObject *)args[0], args[1], args + 2, nargs - 2, kwnames);
-}
-
-static PyObject *
 mod_setup(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *closed_state, *open_error;
@@ -1148,8 +1136,6 @@ mod_setup(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
-    {"call", (PyCFunction)(void (*)(void))mod_call, METH_FASTCALL | METH_KEYWORDS,
-     "call(core, fn, /, *args, **kwargs): a coroutine running fn through the breaker."},
     {"setup", (PyCFunction)mod_setup, METH_VARARGS,
      "setup(closed_state, open_error): the breaker module's constants."},
     {NULL, NULL, 0, NULL},

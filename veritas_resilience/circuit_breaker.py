@@ -915,7 +915,7 @@ class CircuitBreaker(_hooks.Instrumented):
         """
         core = self._core
         if core is not None and _speedups is not None:
-            return _speedups.call(core, fn, *args, **kwargs)  # type: ignore[no-any-return]
+            return core.call(fn, *args, **kwargs)  # type: ignore[no-any-return]
         return self._call(fn, *args, **kwargs)
 
     async def _call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -985,7 +985,7 @@ class CircuitBreaker(_hooks.Instrumented):
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate an ``async def`` or plain function so every call goes through the breaker."""
         if self._core is not None and _speedups is not None and _is_coroutine_function(fn):
-            return _compiled_wrapper(self._core, fn)
+            return _compiled_wrapper(self, fn, sync=False)
         if inspect.iscoroutinefunction(fn):
             breaker = self
             acquire, on_exception, on_result = self._acquire, self._on_exception, self._on_result
@@ -1036,10 +1036,7 @@ class CircuitBreaker(_hooks.Instrumented):
                 "known when it returns; wrap the code that consumes it instead"
             )
         if self._core is not None and _speedups is not None and inspect.isfunction(fn):
-            wrapper = _speedups.Guarded(self._core, fn, sync=True)
-            functools.update_wrapper(wrapper, fn)
-            wrapper.breaker = self
-            return wrapper  # type: ignore[no-any-return]
+            return _compiled_wrapper(self, fn, sync=True)
         call_sync = self.call_sync
 
         @functools.wraps(fn)
@@ -1115,27 +1112,27 @@ class CircuitBreaker(_hooks.Instrumented):
 
 
 def _is_coroutine_function(fn: object) -> bool:
-    # A plain `async def` function, or one already wrapped by a compiled breaker (not a partial
-    # or a callable object): its wrapper can stand in for it everywhere, __code__ included.
-    if _speedups is not None and isinstance(fn, _speedups.Guarded):
-        return True
-    return inspect.isfunction(fn) and bool(fn.__code__.co_flags & inspect.CO_COROUTINE)
+    # A plain `async def` function, or one a compiled breaker already wrapped (not a partial or
+    # a callable object): its wrapper can stand in for it everywhere, __code__ included.
+    is_guarded = _speedups is not None and isinstance(fn, _speedups.Guarded)
+    return (inspect.isfunction(fn) or is_guarded) and inspect.iscoroutinefunction(fn)
 
 
-def _compiled_wrapper(core: Any, fn: Callable[P, Any]) -> Callable[P, Any]:
-    wrapper = _speedups.Guarded(core, fn)
+def _compiled_wrapper(breaker: CircuitBreaker, fn: Any, *, sync: bool) -> Callable[..., Any]:
+    wrapper = _speedups.Guarded(breaker._core, fn, sync=sync)
     functools.update_wrapper(wrapper, fn)
-    # inspect.iscoroutinefunction() (which FastAPI, Starlette and others use to decide whether
-    # to await) takes a callable with a coroutine __code__ and function-like attributes for a
-    # coroutine function; Python 3.12+ also reads the marker.
-    wrapper.__code__ = fn.__code__
-    wrapper.__defaults__ = fn.__defaults__
-    wrapper.__kwdefaults__ = fn.__kwdefaults__
+    wrapper.breaker = breaker
     # Tools that resolve string annotations with the callable's own globals (FastAPI does).
     wrapper.__globals__ = fn.__globals__
-    wrapper.breaker = core.breaker
-    if sys.version_info >= (3, 12):
-        inspect.markcoroutinefunction(wrapper)
+    if not sync:
+        # inspect.iscoroutinefunction() (which FastAPI, Starlette and others use to decide
+        # whether to await) takes a callable with a coroutine __code__ and function-like
+        # attributes for a coroutine function; Python 3.12+ also reads the marker.
+        wrapper.__code__ = fn.__code__
+        wrapper.__defaults__ = fn.__defaults__
+        wrapper.__kwdefaults__ = fn.__kwdefaults__
+        if sys.version_info >= (3, 12):
+            inspect.markcoroutinefunction(wrapper)
     return wrapper  # type: ignore[no-any-return]
 
 
