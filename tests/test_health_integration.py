@@ -125,7 +125,7 @@ async def test_a_killed_redis_master_makes_health_warn_while_live_stays_up(
             probe = Prober(http)
 
             async def passes() -> bool:
-                return (await probe.get("/health")).json()["status"] == "pass"
+                return bool((await probe.get("/health")).json()["status"] == "pass")
 
             await eventually(passes, what="the client to settle")
             first = (await probe.get("/health")).json()
