@@ -7,10 +7,11 @@ every request (concurrently, with ``asyncio.gather``), as hand-written endpoints
 caches each result for its TTL (1 s) and shares one run among concurrent probes.
 
 A separate process generates the load, at 100 and then 1,000 concurrent probes, each run
-bounded by a request count and a time limit; the targets alternate within each concurrency level. Two load generators run in turn:
-httpx async clients (10 connections each: httpx pools slow down sharply with many connections),
-and a minimal keep-alive HTTP/1.1 client that costs far less CPU than the server it loads (on a
-small machine the httpx generator saturates before the server does). Reported: requests per
+bounded by a request count and a time limit; the targets alternate within each concurrency
+level. Two load generators run in turn: httpx async clients (10 connections each: httpx pools
+slow down sharply with many connections), and a minimal keep-alive HTTP/1.1 client that costs
+far less CPU than the server it loads (on a small machine the httpx generator saturates before
+the server does). Reported: requests per
 second and the latency percentiles seen by the client.
 
 Run: ``python -m benchmarks.bench_health`` (``--quick`` for a short validation run,
@@ -273,7 +274,7 @@ def run_load(
             str(requests),
             str(duration),
             kind,
-        ],  # fmt: skip
+        ],
         check=True,
         capture_output=True,
         text=True,
