@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -31,8 +31,9 @@ from ..circuit_breaker import CircuitBreaker, FailureRate
 from ..events import CircuitState, Hook
 from ..instrumentation.prometheus import HistogramValue
 from ..retry import RetryBudget
-from ._commands import classify, command_name, is_idempotent
+from ._commands import FencedReplyError, classify, command_name, is_idempotent
 from ._compat import async_timeout
+from ._errors import NoSentinelAvailableError, RedisConfigurationError
 from ._events import RedisPubSubReconnected
 from ._pool import FencedConnection, FencedPool
 from ._retry import CallGuard, RetryPolicy
@@ -377,6 +378,7 @@ class SentinelRedis(redis.asyncio.Redis):
             role=role,
             max_connections=max_connections,
             pool_timeout=timeout,
+            name=name,
             verify_role=verify_role,
             on_role_mismatch=on_role_mismatch,
             ssl=ssl,
@@ -406,6 +408,7 @@ class SentinelRedis(redis.asyncio.Redis):
             hooks=hooks,
             role=role,
             budget=retry_budget,
+            explain=self._explain,
         )
         self._guard.pool = pool
         self._attempt_guarded = self._guard.guarded(self._attempt)
@@ -517,11 +520,18 @@ class SentinelRedis(redis.asyncio.Redis):
         pool = self.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            return await self._send_command_parse_response(  # type: ignore[no-untyped-call]
+            reply = await self._send_command_parse_response(  # type: ignore[no-untyped-call]
                 conn, args[0], *args, **options
             )
+            if conn._gen != pool.fence.gen:  # type: ignore[attr-defined]
+                raise _fenced(conn, args)
+            return reply
         except (rex.ReadOnlyError, rex.MasterDownError):
             conn.stale = True  # the node is not what we took it for
+            raise
+        except (rex.ConnectionError, rex.TimeoutError) as exc:
+            if conn.abandoned and not isinstance(exc, FencedReplyError):
+                raise _fenced(conn, args) from exc
             raise
         finally:
             await pool.release(conn)
@@ -531,7 +541,8 @@ class SentinelRedis(redis.asyncio.Redis):
         guard = self._guard
         started = self._now()
         try:
-            result = await self._attempt_guarded(args, options)
+            async with async_timeout(guard.deadline) as scope:
+                result = await self._attempt_guarded(args, options)
         except Exception as exc:
             try:
                 result = await guard.recover(
@@ -540,12 +551,20 @@ class SentinelRedis(redis.asyncio.Redis):
                     lambda: self._attempt_guarded(args, options),
                     command_name(args),
                     lambda: is_idempotent(args, self._extra_idempotent),
+                    scope,
                 )
             finally:
                 guard.observe(self._now() - started)
             return result
         guard.observe(self._now() - started)
         return result
+
+    def _explain(self) -> BaseException | None:
+        """Why no node could be reached, when discovery knows (for a call out of time)."""
+        error = self._topology.last_error
+        if isinstance(error, (NoSentinelAvailableError, RedisConfigurationError)):
+            return error.clone()
+        return None
 
     async def _settle(self, source: str, within: float) -> None:
         topology = self._topology
@@ -610,6 +629,7 @@ class SentinelRedis(redis.asyncio.Redis):
             snap.sentinels_up <= known // 2
             or (self._settings["subscribe"] and snap.subscriptions_up == 0)
             or snap.degraded
+            or snap.disagreeing
             or state is CircuitState.HALF_OPEN
             or (self._read_from is not ReadFrom.MASTER and not snap.replicas)
         ):
@@ -635,6 +655,7 @@ class SentinelRedis(redis.asyncio.Redis):
                 "subscriptions_up": snap.subscriptions_up,
                 "replicas": [fmt(r) for r in snap.replicas],
                 "last_switch_source": snap.last_switch_source,
+                "disagreeing_sentinels": [fmt(s) for s, _ in snap.disagreeing],
             },
         )
 
@@ -696,10 +717,11 @@ class _Pipeline(redis.asyncio.client.Pipeline):
             return await breaker.call(run, raise_on_error)
 
         try:
-            if breaker is None:
-                result = await run(raise_on_error)
-            else:
-                result = await breaker.call(run, raise_on_error)
+            async with async_timeout(guard.deadline) as scope:
+                if breaker is None:
+                    result = await run(raise_on_error)
+                else:
+                    result = await breaker.call(run, raise_on_error)
         except Exception as exc:
             try:
                 result = await guard.recover(
@@ -708,12 +730,47 @@ class _Pipeline(redis.asyncio.client.Pipeline):
                     attempt,
                     name,
                     lambda: all(is_idempotent(args, owner._extra_idempotent) for args, _ in stack),
+                    scope,
                 )
             finally:
                 guard.observe(owner._now() - started)
             return result
         guard.observe(owner._now() - started)
         return result
+
+    async def _execute_transaction(  # type: ignore[override]
+        self, connection: FencedConnection, commands: Any, raise_on_error: bool
+    ) -> Any:
+        return await _fenced_run(
+            connection, super()._execute_transaction(connection, commands, raise_on_error)
+        )
+
+    async def _execute_pipeline(  # type: ignore[override]
+        self, connection: FencedConnection, commands: Any, raise_on_error: bool
+    ) -> Any:
+        return await _fenced_run(
+            connection, super()._execute_pipeline(connection, commands, raise_on_error)
+        )
+
+
+def _fenced(conn: FencedConnection, args: Sequence[Any]) -> FencedReplyError:
+    return FencedReplyError(
+        f"{command_name(args) or 'PIPELINE'} was sent to {conn.host}:{conn.port} under "
+        f"generation {conn.generation}; the client has switched since: its reply does not count"
+    )
+
+
+async def _fenced_run(conn: FencedConnection, run: Awaitable[Any]) -> Any:
+    """Run a pipeline's round trip on ``conn``; a reply from a replaced master is not a success."""
+    try:
+        reply = await run
+    except (rex.ConnectionError, rex.TimeoutError) as exc:
+        if conn.abandoned and not isinstance(exc, FencedReplyError):
+            raise _fenced(conn, ()) from exc
+        raise
+    if conn.generation != conn._fence.gen:
+        raise _fenced(conn, ())
+    return reply
 
 
 class _PubSub(redis.asyncio.client.PubSub):
