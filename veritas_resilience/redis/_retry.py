@@ -368,7 +368,10 @@ class CallGuard(_hooks.Instrumented):
         return self.policy.retry_unknown_outcome or unknown_outcome_allowed() or idempotent()
 
     def _delay(self, failure: Failure, attempts: int, exc: BaseException, generation: int) -> float:
-        if failure.reason == "stale_connection" or self._generation() != generation:
+        if (
+            failure.reason in ("stale_connection", "fenced_reply")
+            or self._generation() != generation
+        ):
             return 0.0  # a new master is already known: go now
         if isinstance(exc, CircuitOpenError):
             return max(exc.retry_after, self.policy.backoff(attempts, self._rng))
