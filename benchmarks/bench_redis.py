@@ -319,7 +319,7 @@ async def sigstop_run(which: str) -> Stall:
         await asyncio.to_thread(kit.wait_replicas_synced, 30)
         master = kit.master
         check = redis.asyncio.Redis(host=master[0], port=master[1], decode_responses=True)
-        present = set(await check.lrange("ids", 0, -1))  # type: ignore[misc]
+        present = set(await check.lrange("ids", 0, -1))
         await check.aclose()
         surviving = sorted(t for t, ident in acked if ident in present)
         after = [t for t in surviving if t >= switched]

@@ -33,6 +33,7 @@ from veritas_resilience.redis import (
     UnknownServiceError,
     retry_unknown_outcome,
 )
+from veritas_resilience.redis._compat import async_timeout
 from veritas_resilience.redis._pool import FencedConnection
 from veritas_resilience.testing import LocalRedisSentinel
 from veritas_resilience.testing import RecordingHook as Recorder
@@ -843,9 +844,11 @@ async def test_aclose_returns_after_the_event_loop_was_blocked(
     client = clients(kit)
     await asyncio.gather(*(client.set(f"cl:{i}", i) for i in range(100)))
     time.sleep(1.2)  # a blocking call in the event loop's thread
-    closing = asyncio.ensure_future(client.aclose())
-    done, _ = await asyncio.wait({closing}, timeout=10)
-    assert closing in done, "aclose() did not return"
+    try:
+        async with async_timeout(10):
+            await client.aclose()
+    except TimeoutError:
+        pytest.fail("aclose() did not return")
     left = {t for t in asyncio.all_tasks() if not t.done()} - before - {asyncio.current_task()}
     assert not left, [t.get_name() for t in left]
 
