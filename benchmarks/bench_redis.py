@@ -18,10 +18,10 @@ Run: ``python -m benchmarks.bench_redis`` (``--quick`` for a smoke run that writ
 3. **A paused master** (``--sigstop``, its own section "redis-sigstop"). The master is frozen with
    SIGSTOP for 4.5 s (the Sentinels fail over after about 2 s) while 200 tasks RPUSH unique ids,
    each call under a 3 s deadline: the client's ``RetryPolicy(deadline=3)`` for ours,
-   ``asyncio.timeout(3)`` around each call for ``master_for()`` (redis-py has no deadline of its
-   own). Reported: the longest call, caller errors by type, acknowledged ids missing from the
-   new master once the old one has been demoted, and the time from ``+switch-master`` to the
-   first acknowledged write that survived.
+   ``asyncio.wait_for(..., 3)`` around each call for ``master_for()`` (redis-py has no
+   deadline of its own). Reported: the longest call, caller errors by type, acknowledged ids
+   missing from the new master once the old one has been demoted, and the time from
+   ``+switch-master`` to the first acknowledged write that survived.
 
 It prints the tables and writes the "redis" section of benchmarks/RESULTS.md.
 """
@@ -281,8 +281,7 @@ async def sigstop_run(which: str) -> Stall:
             if ours:
                 await client.rpush("ids", ident)
             else:
-                async with asyncio.timeout(DEADLINE):
-                    await client.rpush("ids", ident)
+                await asyncio.wait_for(client.rpush("ids", ident), DEADLINE)
 
         async def writer(index: int) -> None:
             nonlocal longest
