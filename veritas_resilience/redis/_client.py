@@ -574,7 +574,7 @@ class SentinelRedis(redis.asyncio.Redis):
             try:
                 async with async_timeout(min(within, 2.0)):
                     await asyncio.shield(task)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the built-in one before Python 3.11
                 pass
 
     def _on_switch(self) -> None:

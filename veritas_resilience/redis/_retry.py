@@ -9,6 +9,7 @@ until the call's overall deadline.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import random
@@ -246,7 +247,7 @@ class CallGuard(_hooks.Instrumented):
                 the attempt raised it.
         """
         attempts = 1
-        if scope is not None and isinstance(exc, TimeoutError) and expired(scope):
+        if scope is not None and isinstance(exc, asyncio.TimeoutError) and expired(scope):
             raise await self._deadline_error(exc, started, command, idempotent, attempts)
         deadline = started + self._deadline
         while True:
@@ -303,7 +304,7 @@ class CallGuard(_hooks.Instrumented):
                 async with async_timeout(remaining) as retry_scope:
                     return await attempt()
             except Exception as next_exc:
-                if isinstance(next_exc, TimeoutError) and expired(retry_scope):
+                if isinstance(next_exc, asyncio.TimeoutError) and expired(retry_scope):
                     raise await self._deadline_error(
                         next_exc, started, command, idempotent, attempts
                     ) from next_exc
