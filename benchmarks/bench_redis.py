@@ -266,8 +266,10 @@ async def sigstop_run(which: str) -> Stall:
             )
             await client.initialize()
         else:
+            # Short timeouts towards the Sentinels; redis-py's default ones towards the data
+            # nodes, as for ours (the deadline is the caller's asyncio.wait_for).
             sentinel_manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-                kit.sentinels, socket_timeout=0.5
+                kit.sentinels, sentinel_kwargs={"socket_timeout": 0.5}
             )
             client = sentinel_manager.master_for(kit.service_name)
         found: asyncio.Future[float] = asyncio.get_running_loop().create_future()

@@ -163,16 +163,21 @@ class SentinelRedis(redis.asyncio.Redis):
         await client.aclose()
 
     How it finds the master: it subscribes to the events of every Sentinel and also polls them
-    (fast while degraded), asks all of them at once, believes the highest config epoch, and
-    accepts a master only after the node itself answers ``ROLE master``. Every connection belongs
-    to the master generation it was opened under; after a switch nothing is sent on an older one.
+    (fast while degraded), asks all of them at once, keeps only masters a quorum (majority) of
+    the configured Sentinels backs, believes the highest config epoch among those, and accepts a
+    master only after the node itself answers ``ROLE master``. Every connection belongs to the
+    master generation it was opened under; after a switch nothing is sent on an older one, the
+    connections still in use are cut loose at once, and a reply that arrives on one of them is
+    never reported as a success.
 
     How it retries: a reply that proves the command did not run (``READONLY``, ``LOADING``,
     ``MASTERDOWN``...) and a failure before sending are retried for any command; a connection lost
     after sending only for idempotent commands (or inside
-    :func:`~veritas_resilience.redis.retry_unknown_outcome`); all within ``retry.deadline``, with
-    jittered backoff cut short when a new master is accepted, behind one circuit breaker per
-    service.
+    :func:`~veritas_resilience.redis.retry_unknown_outcome`); all within ``retry.deadline``
+    (which bounds the whole call, the first attempt included), with jittered backoff cut short
+    when a new master is accepted, behind one circuit breaker per service. A wrong password or
+    a data node listed as a Sentinel fails at once with a
+    :class:`~veritas_resilience.redis.RedisConfigurationError`.
 
     Args:
         sentinels: The Sentinels, as ``("host", port)`` pairs or ``"host:port"`` strings.
@@ -204,7 +209,8 @@ class SentinelRedis(redis.asyncio.Redis):
         ping_interval: Seconds of silence after which an event subscription is PINGed (no
             answer within ``sentinel_timeout`` counts as a lost subscription).
         subscribe: Subscribe to Sentinel events (on every Sentinel).
-        discover_sentinels: Add the Sentinels the others know of (``SENTINEL SENTINELS``).
+        discover_sentinels: Add the Sentinels the others know of (``SENTINEL SENTINELS``) for
+            events and health; only the configured ones vote on the master.
         verify_role: Check ``ROLE`` on every new data-node connection.
         connection_kwargs: More keyword arguments for data-node connections (``ssl_*``...).
         sentinel_kwargs: More keyword arguments for Sentinel connections.
@@ -468,7 +474,10 @@ class SentinelRedis(redis.asyncio.Redis):
         Raises:
             NoSentinelAvailableError: No Sentinel answered.
             UnknownServiceError: No Sentinel knows the service name.
-            NoMasterError: No confirmed master yet (master clients only).
+            NoMasterError: No confirmed master yet, or none a quorum of the configured Sentinels
+                backs (master clients only).
+            RedisConfigurationError: A Sentinel or data node refused the credentials, or a
+                listed Sentinel is not one.
         """
         topology = self._topology
         if not topology.started:
@@ -676,15 +685,16 @@ class SentinelRedis(redis.asyncio.Redis):
             NoSentinelAvailableError: No Sentinel answered.
             UnknownServiceError: No Sentinel knows the service.
             NoMasterError: The Sentinels name no usable master.
+            RedisConfigurationError: The credentials were refused, or a listed Sentinel is not
+                one.
         """
         topology = self._topology
         if not topology.started:
             await topology.start()
             return
         await topology.refresh("manual")
-        error = topology._last_error
-        if error is not None:
-            raise error
+        if topology.last_error is not None:
+            raise topology.no_master_error()
 
 
 class _Pipeline(redis.asyncio.client.Pipeline):
