@@ -219,8 +219,6 @@ class MetricDescription:
         return (self.name,)
 
 
-# Every module that declares metric families; importing them declares them all. A test checks
-# that each module of the package calling define_metric() is listed here.
 METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience.circuit_breaker",
     "veritas_resilience.retry",
@@ -228,7 +226,9 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience._fallback",
     "veritas_resilience.postgres._client",
     "veritas_resilience.redis._events",
+    "veritas_resilience.health._registry",
 )
+"""Every module of the library that declares metric families (importing them declares them all)."""
 
 
 def describe_metrics() -> list[MetricDescription]:
