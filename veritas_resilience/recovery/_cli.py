@@ -30,7 +30,7 @@ def add_commands(sub: Any) -> None:
     )
     rules.add_argument("--prefix", default="veritas_", help="metric name prefix (veritas_)")
     rules.add_argument(
-        "--selector", help='label matchers added to every selector, e.g. \'job="orders"\''
+        "--selector", help="label matchers added to every selector, e.g. 'job=\"orders\"'"
     )
     rules.add_argument(
         "--label", action="append", type=_label, default=[], metavar="NAME=VALUE",

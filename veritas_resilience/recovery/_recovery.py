@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from .. import _hooks
 from .._clock import MONOTONIC, Clock
@@ -84,6 +85,7 @@ class _Incident:
     resolved: bool = False
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     timer: anyio.CancelScope | None = None
+    wake_at: float | None = None
 
 
 class Recovery(_hooks.Instrumented):
@@ -330,12 +332,20 @@ class Recovery(_hooks.Instrumented):
     async def wait_idle(self) -> None:
         """Wait until no action, revert or escalation hook is running or about to run.
 
-        Escalation timers do not count: they are waiting, not working.
+        Escalation timers count only once their time has come: before, they are waiting, not
+        working.
         """
-        while self._busy:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
+        while True:
+            now = self._clock.monotonic()
+            due = any(i.wake_at is not None and i.wake_at <= now for i in self._incidents.values())
+            if due:
+                await anyio.lowlevel.checkpoint()
+            elif self._busy:
+                if self._idle is None:
+                    self._idle = anyio.Event()
+                await self._idle.wait()
+            else:
+                return
 
     def close(self) -> None:
         """Close the journal file if the receiver opened it."""
@@ -496,9 +506,11 @@ class Recovery(_hooks.Instrumented):
             incident.timer = scope
             for rung in rungs:
                 self._done()  # waiting is not working
+                incident.wake_at = self._clock.monotonic() + after
                 try:
                     await self._clock.sleep(after)
                 finally:
+                    incident.wake_at = None
                     self._busy += 1
                 with anyio.CancelScope(shield=True):
                     async with incident.lock:
