@@ -40,7 +40,6 @@ from ._rules import render_rules as render_rules
 from ._rules import rule_files as rule_files
 
 __all__ = [
-    "RULE_GROUPS",
     "Action",
     "Alert",
     "AlertsTruncated",
@@ -48,6 +47,7 @@ __all__ = [
     "Notification",
     "NotificationRejected",
     "PayloadError",
+    "RULE_GROUPS",
     "ReceiverApp",
     "Recovery",
     "RecoveryDecision",

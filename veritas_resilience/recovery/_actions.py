@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._validate import Seconds, positive_int, seconds
 from ._payload import Alert
@@ -31,8 +31,13 @@ __all__ = [
     "serve_stale",
 ]
 
-Action: TypeAlias = Callable[[Alert], Awaitable[object]]
-"""A recovery action, revert action or escalation hook: ``async def f(alert) -> None``."""
+class Action(Protocol):
+    """A recovery action, revert action or escalation hook: ``async def f(alert) -> None``.
+
+    It gets the :class:`Alert` (labels, annotations, fingerprint) it runs for.
+    """
+
+    def __call__(self, alert: Alert, /) -> Awaitable[object]: ...
 
 
 def action_name(action: object) -> str:
