@@ -1,0 +1,331 @@
+"""End to end with the real servers: PostgreSQL crashes, Prometheus scrapes a service using
+``FailoverClient``, the shipped no-primary alert fires, two Alertmanagers post to the receiver,
+the action runs once, and the revert runs once the standby is promoted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from veritas_resilience import PrometheusHook
+from veritas_resilience.recovery import Alert, Recovery, RecoveryDecision, render_rules
+from veritas_resilience.recovery import reprobe_postgres as reprobe
+from veritas_resilience.testing import PostgresClusterFactory, RecordingHook, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+TOKEN = "e2e-token"
+HOST = "127.0.0.1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The PostgreSQL client and uvicorn run on asyncio."""
+    return "asyncio"
+
+
+def binary(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    pytest.skip(f"{names[0]} is not installed (tests/run.sh installs it)")
+
+
+class Processes:
+    """Servers started by the test, always stopped (and their logs kept for failures)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.base)
+        log.close()
+        self.procs.append((name, proc))
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name} ---\n{(self.base / f'{name}.log').read_text()[-3000:]}"
+            for name, _ in self.procs
+        )
+
+    def stop(self) -> None:
+        for _, proc in self.procs:
+            proc.terminate()
+        for _, proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Starts processes in the test's folder and stops them all at the end."""
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
+async def serve(app: Any, port: int) -> AsyncIterator[None]:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        while not server.started:
+            await anyio.sleep(0.01)
+        try:
+            yield
+        finally:
+            server.should_exit = True
+
+
+async def wait_for(predicate: Any, within: float, what: str, logs: Any = None) -> None:
+    deadline = time.monotonic() + within
+    while not await predicate():
+        if time.monotonic() > deadline:
+            detail = logs() if logs else ""
+            raise AssertionError(f"timed out after {within} s waiting for {what}\n{detail}")
+        await anyio.sleep(0.05)
+
+
+def start_monitoring(
+    processes: Processes, base: Path, service_port: int, receiver_port: int
+) -> tuple[int, list[int]]:
+    """Prometheus (0.5 s scrape and evaluation) and two unclustered Alertmanagers."""
+    prometheus = binary("prometheus")
+    alertmanager = binary("prometheus-alertmanager", "alertmanager")
+    am_ports = [free_port(), free_port()]
+    for i, port in enumerate(am_ports):
+        folder = base / f"am{i}"
+        folder.mkdir()
+        config = {
+            "route": {
+                "receiver": "recovery",
+                "group_by": ["alertname", "client"],
+                "group_wait": "100ms",
+                "group_interval": "500ms",
+                "repeat_interval": "1s",
+            },
+            "receivers": [
+                {
+                    "name": "recovery",
+                    "webhook_configs": [
+                        {
+                            "url": f"http://{HOST}:{receiver_port}/alerts",
+                            "send_resolved": True,
+                            "http_config": {
+                                "authorization": {"type": "Bearer", "credentials": TOKEN}
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+        (folder / "alertmanager.yml").write_text(json.dumps(config))
+        processes.start(
+            f"alertmanager{i}", alertmanager,
+            f"--config.file={folder / 'alertmanager.yml'}",
+            f"--storage.path={folder / 'data'}",
+            f"--web.listen-address={HOST}:{port}",
+            f"--web.external-url=http://{HOST}:{port}",
+            "--cluster.listen-address=",
+        )  # fmt: skip
+    rules = render_rules(
+        groups=["postgres"], selector={"job": "orders"},
+        for_overrides={"VeritasPostgresNoPrimary": "1s"},
+    )  # fmt: skip
+    (base / "rules.yml").write_text(rules)
+    config = {
+        "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
+        "rule_files": [str(base / "rules.yml")],
+        "alerting": {
+            "alertmanagers": [{"static_configs": [{"targets": [f"{HOST}:{p}" for p in am_ports]}]}]
+        },
+        "scrape_configs": [
+            {
+                "job_name": "orders",
+                "scrape_interval": "500ms",
+                "scrape_timeout": "400ms",
+                "static_configs": [{"targets": [f"{HOST}:{service_port}"]}],
+            }
+        ],
+    }
+    (base / "prometheus.yml").write_text(json.dumps(config))
+    prom_port = free_port()
+    processes.start(
+        "prometheus", prometheus,
+        f"--config.file={base / 'prometheus.yml'}",
+        f"--storage.tsdb.path={base / 'tsdb'}",
+        f"--web.listen-address={HOST}:{prom_port}",
+        "--rules.alert.resend-delay=500ms",
+    )  # fmt: skip
+    return prom_port, am_ports
+
+
+async def test_no_primary_alert_runs_the_action_once_and_the_revert_after_promotion(
+    pg_cluster_factory: PostgresClusterFactory, processes: Processes, tmp_path: Path
+) -> None:
+    """Crash the primary: the alert fires through Prometheus and two Alertmanagers, the action
+    runs once however often it is delivered; promote the standby: the alert resolves, the revert
+    runs once. Prints the seconds from fault to action and from recovery to revert."""
+    from prometheus_client import make_asgi_app
+
+    from veritas_resilience.postgres import FailoverClient
+
+    service_port, receiver_port = free_port(), free_port()
+    # Prometheus and the Alertmanagers start while the PostgreSQL cluster does.
+    prom_port, _ = start_monitoring(processes, tmp_path, service_port, receiver_port)
+    prom = f"http://{HOST}:{prom_port}"
+    cluster = await anyio.to_thread.run_sync(pg_cluster_factory, 1)
+    registry = CollectorRegistry()
+    recorder = RecordingHook()
+    ran: list[tuple[float, Alert]] = []
+    reverted: list[tuple[float, Alert]] = []
+
+    async with FailoverClient(
+        [n.dsn for n in cluster.nodes], name="orders-db", hooks=[PrometheusHook(registry)],
+        failover_timeout=5.0,
+    ) as db:  # fmt: skip
+        reprobe_now = reprobe(db)
+
+        async def act(alert: Alert) -> None:
+            ran.append((time.monotonic(), alert))
+            await reprobe_now(alert)
+
+        async def undo(alert: Alert) -> None:
+            reverted.append((time.monotonic(), alert))
+
+        recovery = Recovery(token=TOKEN, journal=tmp_path / "journal.jsonl", hooks=[recorder])
+        recovery.on("VeritasPostgresNoPrimary", act, revert=undo, labels={"client": "orders-db"})
+
+        async with (
+            recovery,
+            httpx.AsyncClient(timeout=2.0) as http,
+            _served(make_asgi_app(registry), service_port),
+            _served(recovery.asgi(), receiver_port),
+        ):
+
+            async def scraped() -> bool:
+                try:
+                    query = {"query": "veritas_postgres_primary_available"}
+                    r = await http.get(f"{prom}/api/v1/query", params=query)
+                except httpx.HTTPError:
+                    return False
+                result = r.json()["data"]["result"]
+                return bool(result) and result[0]["value"][1] == "1"
+
+            await wait_for(scraped, 30, "Prometheus to scrape the service", processes.logs)
+
+            fault = time.monotonic()
+            await anyio.to_thread.run_sync(cluster.kill_primary)
+
+            async def acted() -> bool:
+                return bool(ran)
+
+            await wait_for(acted, 30, "the action", processes.logs)
+            fault_to_action = ran[0][0] - fault
+
+            def deliveries() -> list[RecoveryDecision]:
+                return [e for e in recorder.events if isinstance(e, RecoveryDecision)
+                        and e.decision in ("ran", "duplicate")]  # fmt: skip
+
+            async def both_delivered_often() -> bool:
+                sources = {e.detail for e in deliveries() if e.decision == "duplicate"}
+                return len(deliveries()) >= 4 and len(sources) == 2
+
+            # Repeats (repeat_interval 1 s) from both Alertmanagers: still one run.
+            await wait_for(both_delivered_often, 20, "repeated deliveries", processes.logs)
+            assert len(ran) == 1
+
+            await anyio.to_thread.run_sync(cluster.promote, cluster.standbys[0])
+            recovered = time.monotonic()
+
+            async def undone() -> bool:
+                return bool(reverted)
+
+            await wait_for(undone, 30, "the revert", processes.logs)
+            recovery_to_revert = reverted[0][0] - recovered
+            await anyio.sleep(1.0)  # more resolved deliveries from both Alertmanagers
+            await recovery.wait_idle()
+
+    assert len(ran) == 1 and len(reverted) == 1
+    alert = ran[0][1]
+    assert alert.labels["client"] == "orders-db" and alert.labels["severity"] == "critical"
+    assert alert.annotations["runbook_url"] == "docs/runbooks.md#veritaspostgresnoprimary"
+    assert reverted[0][1].status == "resolved"
+    journal = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [r["decision"] for r in journal].count("ran") == 1
+    assert [r["decision"] for r in journal].count("reverted") == 1
+    print(
+        f"\nfault -> action: {fault_to_action:.2f} s; recovery -> revert: "
+        f"{recovery_to_revert:.2f} s; deliveries: {len(deliveries())}"
+    )
+
+
+@pytest.mark.parametrize("copies", [3])
+async def test_one_alert_delivered_three_times_by_two_alertmanagers_runs_once(
+    copies: int,
+) -> None:
+    """The same firing alert posted three times by one Alertmanager and once by another, over
+    real HTTP to uvicorn, runs the action once; its resolution reverts once."""
+    runs: list[str] = []
+    reverts: list[str] = []
+
+    async def act(alert: Alert) -> None:
+        runs.append(alert.external_url)
+
+    async def undo(alert: Alert) -> None:
+        reverts.append(alert.external_url)
+
+    recovery = Recovery(token=TOKEN, hooks=[])
+    recovery.on("VeritasPostgresNoPrimary", act, revert=undo)
+    port = free_port()
+
+    def body(status: str, am: str) -> dict[str, Any]:
+        return {
+            "version": "4", "status": status, "receiver": "recovery", "groupKey": "{}:{}",
+            "truncatedAlerts": 0, "externalURL": am, "groupLabels": {}, "commonLabels": {},
+            "commonAnnotations": {},
+            "alerts": [{
+                "status": status, "fingerprint": "c0ffee", "startsAt": "2026-01-01T00:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "labels": {"alertname": "VeritasPostgresNoPrimary", "client": "orders-db"},
+                "annotations": {}, "generatorURL": "",
+            }],
+        }  # fmt: skip
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with recovery, _served(recovery.asgi(), port), httpx.AsyncClient() as http:
+        url = f"http://{HOST}:{port}/alerts"
+        for am in ["http://am1:9093"] * copies + ["http://am2:9093"]:
+            assert (await http.post(url, json=body("firing", am), headers=headers)).is_success
+        for am in ("http://am2:9093", "http://am1:9093"):
+            assert (await http.post(url, json=body("resolved", am), headers=headers)).is_success
+        await recovery.wait_idle()
+    assert runs == ["http://am1:9093"]
+    assert reverts == ["http://am2:9093"]
+
+
+def _served(app: Any, port: int) -> Any:
+    import contextlib
+
+    return contextlib.asynccontextmanager(serve)(app, port)
