@@ -86,7 +86,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 async def serve(app: Any, port: int) -> AsyncIterator[None]:
     import uvicorn
 
-    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
@@ -187,8 +187,7 @@ async def test_no_primary_alert_runs_the_action_once_and_the_revert_after_promot
     """Crash the primary: the alert fires through Prometheus and two Alertmanagers, the action
     runs once however often it is delivered; promote the standby: the alert resolves, the revert
     runs once. Prints the seconds from fault to action and from recovery to revert."""
-    from prometheus_client import make_asgi_app
-
+    from veritas_resilience.health import HealthRegistry, checks
     from veritas_resilience.postgres import FailoverClient
 
     service_port, receiver_port = free_port(), free_port()
@@ -206,6 +205,10 @@ async def test_no_primary_alert_runs_the_action_once_and_the_revert_after_promot
         failover_timeout=5.0,
     ) as db:  # fmt: skip
         reprobe_now = reprobe(db)
+        # The service: the health app, whose /metrics Prometheus scrapes.
+        health = HealthRegistry(service="orders", hooks=[PrometheusHook(registry)])
+        health.add("postgres", checks.postgres(db), critical=True)
+        service = health.asgi(metrics_registry=registry)
 
         async def act(alert: Alert) -> None:
             ran.append((time.monotonic(), alert))
@@ -220,7 +223,7 @@ async def test_no_primary_alert_runs_the_action_once_and_the_revert_after_promot
         async with (
             recovery,
             httpx.AsyncClient(timeout=2.0) as http,
-            _served(make_asgi_app(registry), service_port),
+            _served(service, service_port),
             _served(recovery.asgi(), receiver_port),
         ):
 
@@ -323,6 +326,61 @@ async def test_one_alert_delivered_three_times_by_two_alertmanagers_runs_once(
         await recovery.wait_idle()
     assert runs == ["http://am1:9093"]
     assert reverts == ["http://am2:9093"]
+
+
+async def test_serve_command_runs_health_and_receiver_together(
+    tmp_path: Path, processes: Processes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``veritas-resilience serve`` serves /health, /metrics and POST /alerts in one server."""
+    import sys
+
+    (tmp_path / "ops_objects.py").write_text(
+        "from veritas_resilience.health import HealthRegistry\n"
+        "from veritas_resilience.recovery import Recovery\n"
+        "health = HealthRegistry(service='orders')\n"
+        f"recovery = Recovery(token={TOKEN!r})\n"
+        "ran = []\n"
+        "async def act(alert):\n"
+        "    print('ACTION', alert.alertname, flush=True)\n"
+        "recovery.on('VeritasBreakerOpen', act)\n"
+    )
+    port = free_port()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the child imports ops_objects
+    processes.start(
+        "serve", sys.executable, "-m", "veritas_resilience", "serve",
+        "--recovery", "ops_objects:recovery", "--health", "ops_objects:health",
+        "--port", str(port),
+    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}", timeout=2.0) as http:
+
+            async def up() -> bool:
+                try:
+                    return (await http.get("/live")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_for(up, 20, "the server", lambda: log.read_text())
+            assert (await http.get("/health")).status_code == 200
+            assert "veritas_health_ready" in (await http.get("/metrics")).text
+            body = {
+                "version": "4", "status": "firing", "externalURL": "http://am:9093",
+                "alerts": [{"status": "firing", "fingerprint": "f", "startsAt": "t",
+                            "labels": {"alertname": "VeritasBreakerOpen"}}],
+            }  # fmt: skip
+            assert (await http.post("/alerts", json=body)).status_code == 401
+            response = await http.post(
+                "/alerts", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            assert response.status_code == 200
+
+            async def acted() -> bool:
+                return "ACTION VeritasBreakerOpen" in log.read_text()
+
+            await wait_for(acted, 10, "the action", lambda: log.read_text())
+    finally:
+        processes.stop()
 
 
 def _served(app: Any, port: int) -> Any:

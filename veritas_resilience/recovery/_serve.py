@@ -7,14 +7,11 @@ exposition of the process's registry. ``veritas-resilience serve`` runs it under
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
-
-from ._asgi import Message, Receive, Scope, Send, _answer, _path
+from ._asgi import Receive, Scope, Send, _answer, _path
 from ._recovery import Recovery
 
 __all__ = ["load_object", "ops_app"]
@@ -40,48 +37,17 @@ def load_object(spec: str) -> Any:
     return obj
 
 
-@contextlib.asynccontextmanager
-async def _lifespan_of(app: App) -> AsyncIterator[None]:
-    """Drive another app's ASGI lifespan: startup on enter, shutdown on exit."""
-    to_app_send, to_app_receive = anyio.create_memory_object_stream[Message](2)
-    from_app_send, from_app_receive = anyio.create_memory_object_stream[Message](2)
-    supported = True
-
-    async def run() -> None:
-        nonlocal supported
-        try:
-            await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
-                      to_app_receive.receive, from_app_send.send)  # fmt: skip
-        except Exception:
-            supported = False  # an app without lifespan support raises: fine, as servers do
-        finally:
-            from_app_send.close()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        await to_app_send.send({"type": "lifespan.startup"})
-        async for message in from_app_receive:
-            if message["type"] == "lifespan.startup.failed":
-                raise RuntimeError(f"startup failed: {message.get('message', '')}")
-            break
-        try:
-            yield
-        finally:
-            if supported:
-                await to_app_send.send({"type": "lifespan.shutdown"})
-                async for _ in from_app_receive:
-                    break
-            tg.cancel_scope.cancel()
-
-
 def ops_app(*, recovery: Recovery | None = None, health: Any = None) -> App:
     """An ASGI app serving the receiver (``POST /alerts``) and the health endpoints together.
 
+    With a health registry, its app serves ``/health``, ``/ready``, ``/live``, ``/startup`` and
+    ``/metrics`` and hands every other request, and the ASGI lifespan, to the receiver (so on
+    shutdown readiness fails and requests drain first). Without one, ``/metrics`` serves the
+    Prometheus exposition of the process's registry.
+
     Args:
         recovery: The receiver, served at ``/alerts``.
-        health: A ``veritas_resilience.health.HealthRegistry`` (anything with ``asgi()``), or an
-            ASGI app; serves every other path. Without it, ``/metrics`` serves the Prometheus
-            exposition of the process's registry.
+        health: A :class:`~veritas_resilience.health.HealthRegistry`.
 
     Raises:
         ValueError: With neither.
@@ -89,44 +55,20 @@ def ops_app(*, recovery: Recovery | None = None, health: Any = None) -> App:
     if recovery is None and health is None:
         raise ValueError("give recovery, health, or both")
     receiver = recovery.asgi() if recovery is not None else None
-    other: App
-    if health is None:
-        from prometheus_client import make_asgi_app
+    if health is not None:
+        app: App = health.asgi(receiver)
+        return app
+    assert receiver is not None
+    from prometheus_client import make_asgi_app
 
-        metrics = make_asgi_app()
+    metrics = make_asgi_app()
 
-        async def other(scope: Scope, receive: Receive, send: Send) -> None:
-            if _path(scope) == "/metrics":
-                await metrics(scope, receive, send)
-            else:
-                await _answer(send, 404, {"error": "not found"})
-
-    else:
-        other = health.asgi() if hasattr(health, "asgi") else health
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan":
-            message = await receive()
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    if recovery is not None:
-                        await stack.enter_async_context(recovery._running())
-                    if health is not None:
-                        await stack.enter_async_context(_lifespan_of(other))
-                    await send({"type": "lifespan.startup.complete"})
-                    while message["type"] != "lifespan.shutdown":
-                        message = await receive()
-            except Exception as exc:
-                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                return
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if kind != "http":
-            return
-        if receiver is not None and _path(scope) in ("/alerts", "/alerts/"):
-            await receiver(scope, receive, send)
+    async def with_metrics(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _path(scope) == "/metrics":
+            await metrics(scope, receive, send)
+        elif scope["type"] == "http" and _path(scope) not in ("/alerts", "/alerts/"):
+            await _answer(send, 404, {"error": "not found"})
         else:
-            await other(scope, receive, send)
+            await receiver(scope, receive, send)
 
-    return app
+    return with_metrics
