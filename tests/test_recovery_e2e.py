@@ -387,3 +387,42 @@ def _served(app: Any, port: int) -> Any:
     import contextlib
 
     return contextlib.asynccontextmanager(serve)(app, port)
+
+
+async def test_sentinel_failover_action_moves_the_master_within_its_budget(
+    redis_sentinel_factory: Any,
+) -> None:
+    """sentinel_failover asks real Sentinels for a failover: the master moves; a second incident
+    within the hour is held back by the action's default budget of one run."""
+    from veritas_resilience.recovery import sentinel_failover
+    from veritas_resilience.redis import SentinelRedis
+
+    kit = await anyio.to_thread.run_sync(redis_sentinel_factory)
+    await anyio.to_thread.run_sync(kit.wait_replicas_synced)
+    old = kit.master
+    recorder = RecordingHook()
+    client = SentinelRedis(kit.sentinels, kit.service_name, name="sessions", hooks=[])
+    recovery = Recovery(token=TOKEN, hooks=[recorder])
+    recovery.on("VeritasRedisMasterLost", sentinel_failover(client))
+
+    def alert(starts_at: str) -> Any:
+        from veritas_resilience.recovery import Notification
+
+        return Notification(
+            receiver="r", status="firing", group_key="g", truncated_alerts=0, external_url="",
+            alerts=(Alert(status="firing", labels={"alertname": "VeritasRedisMasterLost"},
+                          starts_at=starts_at, fingerprint="f"),),
+        )  # fmt: skip
+
+    async with client, recovery:
+        await client.set("k", "v")
+        recovery.accept(alert("t1"))
+        await recovery.wait_idle()
+        new = await anyio.to_thread.run_sync(kit.wait_for_master_change, old)
+        assert new != old
+        recovery.accept(alert("t2"))
+        await recovery.wait_idle()
+    decided = [
+        (e.decision, e.starts_at) for e in recorder.events if isinstance(e, RecoveryDecision)
+    ]
+    assert decided == [("ran", "t1"), ("budget_exhausted", "t2")]
