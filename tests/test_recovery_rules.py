@@ -37,7 +37,7 @@ from veritas_resilience.recovery import (
     render_rules,
     rule_files,
 )
-from veritas_resilience.testing import LocalPostgresCluster
+from veritas_resilience.testing import LocalPostgresCluster, PostgresClusterFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = resources.files("veritas_resilience.recovery") / "rules"
@@ -387,3 +387,43 @@ def test_cli_prints_rules_and_dashboard(capsys: pytest.CaptureFixture[str], tmp_
     assert json.loads((tmp_path / "veritas-dashboard.json").read_text())["panels"]
     with pytest.raises(SystemExit):
         main(["rules", "--label", "no-equals-sign"])
+
+
+def test_writes_blocked_and_lag_limit_gauges_follow_the_client(
+    pg_cluster_factory: PostgresClusterFactory,
+) -> None:
+    """The series the writes-blocked and lag alerts read: 1 for the reason while two nodes claim
+    to be primary (two clusters: split brain, or different system identifiers), no primary
+    available, the lag limits as configured and absent when unset."""
+    from veritas_resilience.postgres import FailoverClient
+
+    first, second = pg_cluster_factory(0), pg_cluster_factory(0)
+    registry = CollectorRegistry()
+
+    def samples() -> dict[tuple[str, str], float]:
+        out = {}
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for s in family.samples:
+                out[(s.name, s.labels.get("reason", ""))] = s.value
+        return out
+
+    async def scenario() -> tuple[str | None, dict[tuple[str, str], float]]:
+        async with FailoverClient(
+            [first.primary.dsn, second.primary.dsn], name="mixed", max_lag_bytes=1024,
+            hooks=[PrometheusHook(registry)],
+        ) as db:  # fmt: skip
+            for _ in range(200):
+                blocked = (await db.health(refresh=True)).writes_blocked
+                if blocked is not None:
+                    break
+                await asyncio.sleep(0.02)
+            return blocked, samples()
+
+    reason, seen = asyncio.run(scenario())
+    assert reason in ("split_brain", "system_identifier")
+    other = "system_identifier" if reason == "split_brain" else "split_brain"
+    assert seen[("veritas_postgres_writes_blocked", reason)] == 1.0
+    assert seen[("veritas_postgres_writes_blocked", other)] == 0.0
+    assert seen[("veritas_postgres_primary_available", "")] == 0.0
+    assert seen[("veritas_postgres_replication_lag_limit_bytes", "")] == 1024.0
+    assert ("veritas_postgres_replication_lag_limit_seconds", "") not in seen

@@ -27,7 +27,7 @@ import anyio.lowlevel
 from .. import _hooks
 from .._clock import MONOTONIC, Clock
 from .._redact import redact
-from .._validate import Seconds, seconds
+from .._validate import Seconds, positive_int, seconds
 from ..events import Hook
 from ..instrumentation.prometheus import HistogramValue
 from ._actions import Action, Step, action_name
@@ -164,12 +164,7 @@ class Recovery(_hooks.Instrumented):
             raise TypeError(f"escalate must be an async function of the alert, got {escalate!r}")
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1024:
             raise ValueError(f"max_body must be an int >= 1024 bytes, got {max_body!r}")
-        if (
-            isinstance(max_incidents, bool)
-            or not isinstance(max_incidents, int)
-            or max_incidents < 1
-        ):
-            raise ValueError(f"max_incidents must be an int >= 1, got {max_incidents!r}")
+        positive_int(max_incidents, "max_incidents")
         self._name = name if name else f"recovery-{next(_names)}"
         self._tokens = tokens
         self._basic_auth = basic_auth
