@@ -843,3 +843,28 @@ def test_parse_notification_keeps_what_actions_need() -> None:
     assert parsed.annotations == {"summary": "something"}
     assert parsed.external_url == "http://am1:9093"
     assert parsed.starts_at == "2026-01-01T10:00:00.123456789Z"
+
+
+@pytest.mark.anyio
+async def test_memory_is_bounded_and_forgotten_incidents_stay_duplicates(
+    make: Callable[..., Recovery], clock: FakeClock, recorder: RecordingHook
+) -> None:
+    """Beyond max_incidents the oldest incident is forgotten, yet a late copy of it starts
+    nothing; after the retention an incident that never resolved is forgotten too."""
+    action = Calls()
+    recovery = make(max_incidents=2, retention=3600)
+    recovery.on("X", action)
+    async with recovery:
+        for fingerprint in ("a", "b", "c"):
+            await post(recovery, payload(alert("X", fingerprint=fingerprint)))
+            await recovery.wait_idle()
+        assert len(recovery._incidents) == 2
+        await post(recovery, payload(alert("X", fingerprint="a")))  # forgotten, still known
+        await recovery.wait_idle()
+        assert len(action) == 3
+        clock.advance(3601)
+        await post(recovery, payload(alert("X", fingerprint="d")))
+        await recovery.wait_idle()
+    assert len(recovery._incidents) == 1
+    assert len(recovery._resolved_at) <= 2
+    assert [d for _, d, _ in decisions(recorder)] == ["ran", "ran", "ran", "duplicate", "ran"]

@@ -31,6 +31,7 @@ __all__ = [
     "serve_stale",
 ]
 
+
 class Action(Protocol):
     """A recovery action, revert action or escalation hook: ``async def f(alert) -> None``.
 

@@ -86,6 +86,7 @@ class _Incident:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     timer: anyio.CancelScope | None = None
     wake_at: float | None = None
+    started: float = 0.0
 
 
 class Recovery(_hooks.Instrumented):
@@ -398,7 +399,6 @@ class Recovery(_hooks.Instrumented):
                     group_key=notification.group_key,
                 )
             )
-        self._forget_old()
         for alert in notification.alerts:
             matched = False
             for rule_id, rule in enumerate(self._rules):
@@ -407,6 +407,7 @@ class Recovery(_hooks.Instrumented):
                     self._intake(rule_id, rule, alert)
             if not matched:
                 self._decide(alert, "unmatched", detail=f"from {alert.external_url}".rstrip())
+        self._forget_old()
 
     def _intake(self, rule_id: int, rule: RecoveryRule, alert: Alert) -> None:
         key = (rule_id, alert.fingerprint, alert.starts_at)
@@ -416,7 +417,7 @@ class Recovery(_hooks.Instrumented):
             if incident is not None or key in self._resolved_at:
                 self._decide(alert, "duplicate", detail=source)
                 return
-            incident = _Incident(rule, alert)
+            incident = _Incident(rule, alert, started=self._clock.monotonic())
             self._incidents[key] = incident
             self._spawn(self._climb, incident)
             return
@@ -444,10 +445,27 @@ class Recovery(_hooks.Instrumented):
                 incident = self._incidents.get(key)
                 if incident is not None and incident.resolved:
                     del self._incidents[key]
+        for key, incident in list(self._incidents.items()):
+            # Never resolved (send_resolved off, or the resolution lost): forgotten after the
+            # retention too, counted from its start.
+            if not incident.resolved and now - incident.started > self._retention:
+                self._drop(key)
         excess = len(self._incidents) - self._max_incidents
         if excess > 0:
-            for key in [k for k, inc in self._incidents.items() if inc.resolved][:excess]:
-                del self._incidents[key]
+            resolved = [k for k, inc in self._incidents.items() if inc.resolved]
+            done = set(resolved)
+            oldest = [k for k in self._incidents if k not in done]
+            for key in (resolved + oldest)[:excess]:
+                self._drop(key)
+        # The keys kept to recognise late copies: bounded too (oldest first, insertion order).
+        for key in list(self._resolved_at)[: max(0, len(self._resolved_at) - self._max_incidents)]:
+            del self._resolved_at[key]
+
+    def _drop(self, key: tuple[int, str, str]) -> None:
+        incident = self._incidents.pop(key)
+        if incident.timer is not None:
+            incident.timer.cancel()
+        self._resolved_at.setdefault(key, self._clock.monotonic())  # late copies stay duplicates
 
     # -- background work ------------------------------------------------------------------------
 
