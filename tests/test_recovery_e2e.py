@@ -149,10 +149,8 @@ def start_monitoring(
             f"--web.external-url=http://{HOST}:{port}",
             "--cluster.listen-address=",
         )  # fmt: skip
-    rules = render_rules(
-        groups=["postgres"], selector={"job": "orders"},
-        for_overrides={"VeritasPostgresNoPrimary": "1s"},
-    )  # fmt: skip
+    # Every shipped rule, so that the test also sees each one evaluate without error.
+    rules = render_rules(for_overrides={"VeritasPostgresNoPrimary": "1s"})
     (base / "rules.yml").write_text(rules)
     config = {
         "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
@@ -237,6 +235,7 @@ async def test_no_primary_alert_runs_the_action_once_and_the_revert_after_promot
                 return bool(result) and result[0]["value"][1] == "1"
 
             await wait_for(scraped, 30, "Prometheus to scrape the service", processes.logs)
+            await check_rules_and_dashboard(http, prom)
 
             fault = time.monotonic()
             await anyio.to_thread.run_sync(cluster.kill_primary)
@@ -326,6 +325,58 @@ async def test_one_alert_delivered_three_times_by_two_alertmanagers_runs_once(
         await recovery.wait_idle()
     assert runs == ["http://am1:9093"]
     assert reverts == ["http://am2:9093"]
+
+
+async def check_rules_and_dashboard(http: httpx.AsyncClient, prom: str) -> None:
+    """Against the real Prometheus: every rule evaluates without error, every dashboard query
+    runs, and the per-dependency panels show the client's series."""
+    from veritas_resilience.recovery import dashboard_json
+
+    async def evaluated() -> bool:
+        groups = (await http.get(f"{prom}/api/v1/rules")).json()["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        return bool(rules) and all(r.get("lastEvaluation", "").startswith("20") for r in rules)
+
+    await wait_for(evaluated, 20, "every rule to be evaluated")
+
+    async def samples() -> bool:  # rate() wants two of them
+        query = {"query": 'count_over_time(veritas_postgres_primary_available{job="orders"}[1m])'}
+        result = (await http.get(f"{prom}/api/v1/query", params=query)).json()["data"]["result"]
+        return bool(result) and float(result[0]["value"][1]) >= 3
+
+    await wait_for(samples, 20, "three scrapes")
+    groups = (await http.get(f"{prom}/api/v1/rules")).json()["data"]["groups"]
+    broken = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"]
+              if r["health"] != "ok"]  # fmt: skip
+    assert not broken
+    assert len(groups) == 6
+
+    def targets(node: Any) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            if "panels" in node and "title" in node:
+                for panel in node.get("panels", []):
+                    yield from targets(panel)
+            for target in node.get("targets", []):
+                yield node.get("title", ""), target["expr"]
+            for child in node.get("panels", []) if "title" not in node else []:
+                yield from targets(child)
+        elif isinstance(node, list):
+            for child in node:
+                yield from targets(child)
+
+    has_data: dict[str, bool] = {}
+    queries = list(targets(dashboard_json()["panels"]))
+    assert len(queries) >= 12
+    for title, expr in queries:
+        for var, value in (("$__rate_interval", "1m"), ("$dependency", "orders-db"),
+                           ("$job", "orders")):  # fmt: skip
+            expr = expr.replace(var, value)
+        answer = (await http.get(f"{prom}/api/v1/query", params={"query": expr})).json()
+        assert answer["status"] == "success", (title, expr, answer)
+        has_data[title] = has_data.get(title, False) or bool(answer["data"]["result"])
+    # The client's panels show it: its breakers, their calls, its primary, its standby's lag.
+    for title in ("Breaker state", "Calls by outcome", "Failovers", "Replication lag"):
+        assert has_data[title], title
 
 
 async def test_serve_command_runs_health_and_receiver_together(
