@@ -868,3 +868,15 @@ async def test_memory_is_bounded_and_forgotten_incidents_stay_duplicates(
     assert len(recovery._incidents) == 1
     assert len(recovery._resolved_at) <= 2
     assert [d for _, d, _ in decisions(recorder)] == ["ran", "ran", "ran", "duplicate", "ran"]
+
+
+@pytest.mark.anyio
+async def test_mounted_without_lifespan_actions_still_run(make: Callable[..., Recovery]) -> None:
+    """Outside ``async with`` and without ASGI lifespan, actions run in tasks of the loop."""
+    recovery = make()
+    action = Calls()
+    recovery.on("X", action)
+    assert (await post(recovery, payload(alert("X")))).status_code == 200
+    with anyio.fail_after(5):
+        await recovery.wait_idle()
+    assert len(action) == 1
