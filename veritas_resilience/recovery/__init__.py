@@ -24,12 +24,12 @@ from ._actions import reset_breaker as reset_breaker
 from ._actions import sentinel_failover as sentinel_failover
 from ._actions import serve_stale as serve_stale
 from ._asgi import ReceiverApp as ReceiverApp
+from ._errors import PayloadError as PayloadError
 from ._events import AlertsTruncated as AlertsTruncated
 from ._events import NotificationRejected as NotificationRejected
 from ._events import RecoveryDecision as RecoveryDecision
 from ._payload import Alert as Alert
 from ._payload import Notification as Notification
-from ._payload import PayloadError as PayloadError
 from ._payload import parse_notification as parse_notification
 from ._recovery import Recovery as Recovery
 from ._recovery import RecoveryRule as RecoveryRule

@@ -6,7 +6,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._payload import PayloadError, parse_notification
+from ._errors import PayloadError
+from ._payload import parse_notification
 
 if TYPE_CHECKING:
     from ._recovery import Recovery

@@ -12,13 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Alert", "Notification", "PayloadError", "parse_notification"]
+from ._errors import PayloadError
+
+__all__ = ["Alert", "Notification", "parse_notification"]
 
 _MAX_DEPTH = 32
-
-
-class PayloadError(ValueError):
-    """The body is not an Alertmanager webhook payload of version 4 (the message says why)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
