@@ -253,6 +253,7 @@ def test_every_alert_has_severity_summary_description_and_a_runbook_anchor() -> 
             assert name.lower() in anchors, f"docs/runbooks.md has no heading {name}"
 
 
+@pytest.mark.integration
 def test_rules_and_dashboard_name_only_metrics_a_real_exposition_has(
     exposition: set[str],
 ) -> None:
@@ -389,6 +390,7 @@ def test_cli_prints_rules_and_dashboard(capsys: pytest.CaptureFixture[str], tmp_
         main(["rules", "--label", "no-equals-sign"])
 
 
+@pytest.mark.integration
 def test_writes_blocked_and_lag_limit_gauges_follow_the_client(
     pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
