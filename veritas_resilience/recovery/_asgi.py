@@ -82,14 +82,17 @@ class ReceiverApp:
         message = await receive()
         if message["type"] != "lifespan.startup":
             return
+        started = False
         try:
             async with self.recovery._running():
                 await send({"type": "lifespan.startup.complete"})
+                started = True
                 while (await receive())["type"] != "lifespan.shutdown":
                     pass
-        except BaseException as exc:
-            await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
-            raise
+        except Exception as exc:
+            phase = "shutdown" if started else "startup"
+            await send({"type": f"lifespan.{phase}.failed", "message": repr(exc)})
+            return
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
