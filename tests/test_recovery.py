@@ -880,3 +880,37 @@ async def test_mounted_without_lifespan_actions_still_run(make: Callable[..., Re
     with anyio.fail_after(5):
         await recovery.wait_idle()
     assert len(action) == 1
+
+
+@pytest.mark.anyio
+async def test_serve_stale_counts_fresh_within_fresh_for_and_stale_beyond(
+    clock: FakeClock,
+) -> None:
+    """While serving stale, a value within ``fresh_for`` counts as fresh, an older one as stale,
+    one past ``max_staleness`` calls the source; a failing call still falls back as before."""
+    cache = StaleCache(name="prices", max_staleness=60, fresh_for=5, clock=clock, hooks=[])
+    calls: list[int] = []
+    fail = False
+
+    @cache
+    async def get(key: int) -> int:
+        calls.append(key)
+        if fail:
+            raise ConnectionError("down")
+        return len(calls)
+
+    await get(1)
+    cache.serve_stale()
+    assert cache.serving_stale
+    clock.advance(3)
+    assert await get(1) == 1
+    clock.advance(30)
+    assert await get(1) == 1
+    assert (cache.counts()["fresh"], cache.counts()["stale"], calls) == (1, 1, [1])
+    clock.advance(60)  # past max_staleness: the source is called
+    assert await get(1) == 2
+    fail = True
+    cache.serve_stale(False)
+    clock.advance(10)  # past fresh_for: the source is called again, and fails
+    assert await get(1) == 2  # the call fails: the stored value is served after the error
+    assert calls == [1, 1, 1]
