@@ -914,3 +914,30 @@ async def test_serve_stale_counts_fresh_within_fresh_for_and_stale_beyond(
     clock.advance(10)  # past fresh_for: the source is called again, and fails
     assert await get(1) == 2  # the call fails: the stored value is served after the error
     assert calls == [1, 1, 1]
+
+
+@pytest.mark.anyio
+async def test_a_stalled_body_gets_408_and_holds_nothing(make: Callable[..., Recovery]) -> None:
+    """A client that stops sending its body is answered 408 after read_timeout."""
+    recovery = make(read_timeout=0.1)
+    app = recovery.asgi()
+    sent: list[MutableMapping[str, Any]] = []
+    first = True
+
+    async def receive() -> MutableMapping[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b'{"version": "4", ', "more_body": True}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/alerts",
+             "headers": [(b"authorization", f"Bearer {TOKEN}".encode())]}  # fmt: skip
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 408
+    assert recovery._n_notifications["timeout"] == 1

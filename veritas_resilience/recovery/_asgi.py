@@ -6,6 +6,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ._errors import PayloadError
 from ._payload import parse_notification
 
@@ -59,8 +61,9 @@ class ReceiverApp:
 
     ``POST /alerts`` with Alertmanager's webhook payload (version 4) answers 200 as soon as the
     alerts are decided on; the actions run afterwards. 401 without valid credentials, 413 for a
-    body over ``max_body``, 400 for anything that is not a version 4 payload, 405 for another
-    method, 404 for another path. Handles ASGI lifespan (it runs the receiver's task group).
+    body over ``max_body``, 408 for a body not sent within ``read_timeout``, 400 for anything
+    that is not a version 4 payload, 405 for another method, 404 for another path. Handles ASGI
+    lifespan (it runs the receiver's task group).
     """
 
     def __init__(self, recovery: Recovery) -> None:
@@ -112,11 +115,18 @@ class ReceiverApp:
             challenge = b'Bearer realm="alerts"' if recovery._tokens else b'Basic realm="alerts"'
             await _answer(send, 401, {"error": "unauthorized"}, [(b"www-authenticate", challenge)])
             return
+        body = None
         try:
-            body = await self._body(headers, receive)
+            with anyio.move_on_after(recovery._read_timeout):
+                body = await self._body(headers, receive)
         except _TooLarge:
             recovery.rejected(413, "too_large", f"over {recovery._max_body} bytes")
             await _answer(send, 413, {"error": f"body over {recovery._max_body} bytes"})
+            return
+        if body is None:
+            detail = f"body not received within {recovery._read_timeout:g}s"
+            recovery.rejected(408, "timeout", detail)
+            await _answer(send, 408, {"error": detail})
             return
         try:
             notification = parse_notification(body)

@@ -144,9 +144,9 @@ class NotificationRejected(Event):
     """The receiver turned a request away.
 
     Attributes:
-        status: The HTTP status answered (401, 404, 405, 413 or 400).
-        reason: ``unauthorized``, ``not_found``, ``method_not_allowed``, ``too_large`` or
-            ``bad_request``.
+        status: The HTTP status answered (400, 401, 404, 405, 408, 413 or 500).
+        reason: ``bad_request``, ``unauthorized``, ``not_found``, ``method_not_allowed``,
+            ``timeout``, ``too_large`` or ``internal_error``.
         detail: What was wrong with it (never the credentials or the body).
     """
 

@@ -121,6 +121,8 @@ class Recovery(_hooks.Instrumented):
         journal: Where to append one JSON object per decision: a path, or an open text file.
         escalate: The escalation hook of rules that do not name their own.
         max_body: The largest request body accepted, in bytes (413 beyond).
+        read_timeout: Seconds a client may take to send its body (408 beyond), so a stalled
+            connection cannot hold the receiver.
         retention: Seconds an incident is remembered after it resolved, so late duplicates of
             it are recognised.
         max_incidents: The most incidents remembered (the oldest resolved ones go first).
@@ -141,6 +143,7 @@ class Recovery(_hooks.Instrumented):
         journal: str | PathLike[str] | IO[str] | None = None,
         escalate: Action | None = None,
         max_body: int = 1024 * 1024,
+        read_timeout: Seconds = 10.0,
         retention: Seconds = 24 * _HOUR,
         max_incidents: int = 10_000,
         name: str | None = None,
@@ -172,6 +175,7 @@ class Recovery(_hooks.Instrumented):
         self._dry_run = bool(dry_run)
         self._escalate = escalate
         self._max_body = max_body
+        self._read_timeout = seconds(read_timeout, "read_timeout")
         self._retention = seconds(retention, "retention")
         self._max_incidents = max_incidents
         self._clock = clock
