@@ -35,6 +35,7 @@ from veritas_resilience.recovery import (
     parse_notification,
     reset_breaker,
     serve_stale,
+    webhook,
 )
 from veritas_resilience.recovery._serve import ops_app
 from veritas_resilience.testing import FakeClock, RecordingHook
@@ -176,6 +177,10 @@ def test_on_rejects_bad_rules() -> None:
         Step(action=42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="action"):
         recovery.on("A", [])
+    with pytest.raises(ValueError, match="url"):
+        webhook("ftp://pager.example/page")
+    with pytest.raises(ValueError, match="timeout"):
+        webhook("http://127.0.0.1:1/page", timeout=0)
 
 
 # -- security and bad input -------------------------------------------------------------------

@@ -477,3 +477,66 @@ async def test_sentinel_failover_action_moves_the_master_within_its_budget(
         (e.decision, e.starts_at) for e in recorder.events if isinstance(e, RecoveryDecision)
     ]
     assert decided == [("ran", "t1"), ("budget_exhausted", "t2")]
+
+
+async def test_webhook_escalation_posts_the_alert_to_a_pager() -> None:
+    """After the last rung, the webhook hook POSTs the alert with the bearer token; a pager
+    answering 500 makes an ``escalation_failed`` decision."""
+    from veritas_resilience.recovery import Notification, webhook
+    from veritas_resilience.testing import FakeClock
+
+    received: list[tuple[bytes, dict[bytes, bytes]]] = []
+    status = [200]
+
+    async def pager(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        received.append((body, dict(scope["headers"])))
+        await send({"type": "http.response.start", "status": status[0], "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    clock = FakeClock()
+    recorder = RecordingHook()
+    port = free_port()
+    page = webhook(f"http://{HOST}:{port}/page", token="pager-token")
+    recovery = Recovery(token=TOKEN, clock=clock, hooks=[recorder], escalate=page)
+
+    async def first(alert: Alert) -> None:
+        pass
+
+    recovery.on("VeritasRedisMasterLost", first, escalate_after=60)
+
+    def firing(starts_at: str) -> Notification:
+        return Notification(
+            receiver="r", status="firing", group_key="g", truncated_alerts=0,
+            external_url="http://am:9093",
+            alerts=(Alert(status="firing", labels={"alertname": "VeritasRedisMasterLost",
+                                                   "name": "sessions"},
+                          annotations={"summary": "no master"}, starts_at=starts_at,
+                          fingerprint="f", external_url="http://am:9093"),),
+        )  # fmt: skip
+
+    async with _served(pager, port), recovery:
+        recovery.accept(firing("t1"))
+        await clock.wait_for_sleepers()
+        clock.advance(60)
+        await recovery.wait_idle()
+        status[0] = 500
+        recovery.accept(firing("t2"))
+        await clock.wait_for_sleepers()
+        clock.advance(60)
+        await recovery.wait_idle()
+    body, headers = received[0]
+    sent = json.loads(body)
+    assert sent["alertname"] == "VeritasRedisMasterLost"
+    assert sent["labels"]["name"] == "sessions" and sent["annotations"]["summary"] == "no master"
+    assert headers[b"authorization"] == b"Bearer pager-token"
+    decided = [e.decision for e in recorder.events if isinstance(e, RecoveryDecision)]
+    assert decided == ["ran", "escalated", "ran", "escalation_failed"]
+    assert "pager-token" not in repr(recorder.events)

@@ -23,6 +23,7 @@ from ._actions import reprobe_postgres as reprobe_postgres
 from ._actions import reset_breaker as reset_breaker
 from ._actions import sentinel_failover as sentinel_failover
 from ._actions import serve_stale as serve_stale
+from ._actions import webhook as webhook
 from ._asgi import ReceiverApp as ReceiverApp
 from ._errors import PayloadError as PayloadError
 from ._events import AlertsTruncated as AlertsTruncated
@@ -63,4 +64,5 @@ __all__ = [
     "rule_files",
     "sentinel_failover",
     "serve_stale",
+    "webhook",
 ]

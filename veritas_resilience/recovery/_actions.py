@@ -29,6 +29,7 @@ __all__ = [
     "reset_breaker",
     "sentinel_failover",
     "serve_stale",
+    "webhook",
 ]
 
 
@@ -262,3 +263,61 @@ def sentinel_failover(client: SentinelRedis, *, budget: int = 1) -> BuiltinActio
         )
 
     return BuiltinAction(f"sentinel_failover({client.name})", run, default_budget=budget)
+
+
+def webhook(
+    url: str, *, token: str | None = None, timeout: Seconds = 5.0, name: str | None = None
+) -> BuiltinAction:
+    """POST the alert as JSON to ``url``: an escalation hook for a pager or a chat.
+
+    The body is ``{"alertname", "status", "labels", "annotations", "startsAt", "fingerprint",
+    "generatorURL", "externalURL"}``. The request runs in a worker thread (the standard library's
+    HTTP client), bounded by ``timeout``.
+
+    Args:
+        url: An ``http://`` or ``https://`` URL.
+        token: Sent as ``Authorization: Bearer <token>``; never logged.
+        timeout: Seconds the request may take (> 0).
+        name: The hook's name in events and the journal; ``webhook(<host>)`` by default.
+
+    Raises:
+        ValueError: If ``url`` is not http(s) or ``timeout`` is out of range.
+    """
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"url must be an http:// or https:// URL, got {url!r}")
+    limit = seconds(timeout, "timeout")
+    headers = {"Content-Type": "application/json", "User-Agent": "veritas-resilience"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    def post(body: bytes) -> None:
+        import urllib.request
+
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=limit) as response:
+            response.read()
+
+    async def run(alert: Alert) -> None:
+        import json
+
+        import anyio.to_thread
+
+        body = json.dumps(
+            {
+                "alertname": alert.alertname,
+                "status": alert.status,
+                "labels": dict(alert.labels),
+                "annotations": dict(alert.annotations),
+                "startsAt": alert.starts_at,
+                "fingerprint": alert.fingerprint,
+                "generatorURL": alert.generator_url,
+                "externalURL": alert.external_url,
+            }
+        ).encode()
+        # HTTPError (non-2xx), URLError and timeouts propagate: the decision says it failed.
+        await anyio.to_thread.run_sync(post, body, abandon_on_cancel=True)
+
+    return BuiltinAction(name or f"webhook({parsed.hostname})", run)
