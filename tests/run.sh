@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it, on a fresh machine or a developer's:
-#   1. installs PostgreSQL 15 and Redis 7 server binaries if they are missing (needs root/apt);
+#   1. installs PostgreSQL 15 and Redis 7 server binaries, Prometheus (with promtool) and
+#      Alertmanager if they are missing (needs root/apt);
 #   2. builds .venv and installs the package with its test, lint and typing extras, compiling the
 #      breaker's C fast path (required here: the tests run it and the pure-Python path both);
 #   3. runs ruff (lint + format check), mypy --strict, then pytest (pytest args pass through).
@@ -17,6 +18,9 @@ missing=()
 have_postgres || missing+=(postgresql-15)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+# promtool and Prometheus (the rules' tests and the alerting end-to-end test), Alertmanager.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${missing[*]}; install them (apt-get install ${missing[*]}) or run as root" >&2
