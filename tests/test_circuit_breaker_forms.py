@@ -488,7 +488,7 @@ def test_call_with_a_plain_function_is_a_type_error_not_a_failure(
     for _ in range(2):  # a slot kept by the first call would reject the second
         with pytest.raises(TypeError, match=r"call_sync\(\)") as caught:
             anyio.run(breaker.call, plain)  # type: ignore[arg-type]
-        assert f"returned {type(returns).__name__}" in str(caught.value)
+        assert "plain" in str(caught.value) and type(returns).__name__ in str(caught.value)
     snap = breaker.snapshot()
     assert snap.state is CircuitState(state)
     assert snap.calls["failure"] == 0
@@ -507,6 +507,21 @@ def test_a_type_error_from_the_dependency_is_still_a_failure(clock: FakeClock) -
 
     with pytest.raises(TypeError, match="bad row"):
         anyio.run(breaker.call, broken)
+    assert breaker.state is CircuitState.OPEN
+
+
+def test_a_future_failing_with_a_type_error_is_still_a_failure(clock: FakeClock) -> None:
+    """A TypeError handed back by an awaitable (a future, no frame of its own) is the
+    dependency's outcome, not a call-site mistake."""
+    breaker = CircuitBreaker(failure_threshold=1, clock=clock, hooks=[])
+
+    def pending() -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(TypeError("bad reply"))
+        return future
+
+    with pytest.raises(TypeError, match="bad reply"):
+        asyncio.run(breaker.call(pending))
     assert breaker.state is CircuitState.OPEN
 
 

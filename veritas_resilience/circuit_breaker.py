@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dis
 import functools
 import inspect
 import itertools
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, 
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
-from types import CoroutineType, TracebackType
+from types import CodeType, CoroutineType, TracebackType
 from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, overload
 
 from . import _hooks
@@ -378,18 +379,14 @@ _names = itertools.count(1)
 # CLOSED with nothing to decide (see _update_fast): one attribute read before the call, a counter
 # increment after it, no lock, no allocation. A plain OPEN rejection is decided here too, without
 # a lock. Everything else goes through _acquire()/_on_result()/_on_exception().
-# `awaitable` keeps what fn returned, so that awaiting a non-awaitable is told apart from a failure
-# of the dependency.
 _GUARD = """\
     gen = breaker._fast_gen
     if gen is not None:
-        awaitable = _NOT_CALLED  # async
         try:
-            result = await (awaitable := fn(*args, **kwargs))  # async
+            result = await fn(*args, **kwargs)  # async
             result = fn(*args, **kwargs)  # sync
         except BaseException as exc:
-            breaker._on_exception((gen, 0, _CLOSED, None), exc, awaitable)  # async
-            breaker._on_exception((gen, 0, _CLOSED, None), exc)  # sync
+            breaker._on_exception((gen, 0, _CLOSED, None), exc, fn)
             raise
         if type(result) is _CoroutineType:  # sync
             raise breaker._not_sync((gen, 0, _CLOSED, None), fn, result)  # sync
@@ -402,13 +399,11 @@ _GUARD = """\
         if now < breaker._reopen_at:
             raise breaker._reject_open(now)
     permit = breaker._acquire()
-    awaitable = _NOT_CALLED  # async
     try:
-        result = await (awaitable := fn(*args, **kwargs))  # async
+        result = await fn(*args, **kwargs)  # async
         result = fn(*args, **kwargs)  # sync
     except BaseException as exc:
-        breaker._on_exception(permit, exc, awaitable)  # async
-        breaker._on_exception(permit, exc)  # sync
+        breaker._on_exception(permit, exc, fn)
         raise
     if type(result) is _CoroutineType:  # sync
         raise breaker._not_sync(permit, fn, result)  # sync
@@ -416,8 +411,10 @@ _GUARD = """\
     return result
 """
 
-_NOT_CALLED: Any = object()
 _CoroutineType = CoroutineType
+_GET_AWAITABLE = dis.opmap["GET_AWAITABLE"]
+#: The code of every compiled guard (see _awaited_a_non_awaitable).
+_GUARD_CODES: set[CodeType] = set()
 
 
 def _compile_guard(form: str, *, is_async: bool, method: bool) -> Callable[..., Any]:
@@ -440,8 +437,32 @@ def _compile_guard(form: str, *, is_async: bool, method: bool) -> Callable[..., 
     # Tracebacks through a guard show its source, as for any other module's code.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {}
-    exec(compile(source, filename, "exec"), globals(), namespace)
+    code = compile(source, filename, "exec")
+    exec(code, globals(), namespace)
+    _GUARD_CODES.update(_nested_codes(code))
     return namespace[form if method else "make"]  # type: ignore[no-any-return]
+
+
+def _nested_codes(code: CodeType) -> Iterator[CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _nested_codes(const)
+
+
+def _awaited_a_non_awaitable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the TypeError of a guard's own ``await`` on what fn returned.
+
+    The guard keeps no reference to that object (it would cost every call), so the error is
+    recognised where it was raised: in a guard's frame, not deeper, by its ``await`` itself
+    (the GET_AWAITABLE instruction). A TypeError raised by the dependency has frames below the
+    guard's, or was raised by another instruction.
+    """
+    tb = exc.__traceback__
+    if type(exc) is not TypeError or tb is None or tb.tb_next is not None:
+        return False
+    code = tb.tb_frame.f_code
+    return code in _GUARD_CODES and code.co_code[tb.tb_lasti] == _GET_AWAITABLE
 
 
 _async_guard = _compile_guard("async_guard", is_async=True, method=False)
@@ -927,21 +948,18 @@ class CircuitBreaker(_hooks.Instrumented):
             self._emit(event)
 
     def _on_exception(
-        self, permit: _Permit, exc: BaseException, awaitable: object = _NOT_CALLED
+        self, permit: _Permit, exc: BaseException, fn: Callable[..., Any] | None = None
     ) -> None:
         gen, token, state, start = permit
-        if (
-            awaitable is not _NOT_CALLED
-            and type(exc) is TypeError
-            and not inspect.isawaitable(awaitable)
-        ):
+        if fn is not None and _awaited_a_non_awaitable(exc):
             # The function handed to call() is not async: a mistake at the call site, which
             # says nothing about the dependency.
+            name = getattr(fn, "__qualname__", None) or repr(fn)
             raise self._misuse(
                 permit,
                 exc,
-                f"call() awaits what its function returns, and it returned "
-                f"{type(awaitable).__qualname__}: use call_sync() for a plain function",
+                f"call() awaits what its function returns, and {name} did not return an "
+                f"awaitable ({exc}): use call_sync() for a plain function",
             ) from None
         if not isinstance(exc, Exception):
             # Cancellation, KeyboardInterrupt, SystemExit, GeneratorExit: never a verdict.
