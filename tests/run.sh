@@ -2,9 +2,13 @@
 # The whole check, as CI runs it, on a fresh machine or a developer's:
 #   1. installs PostgreSQL 15 and Redis 7 server binaries, Prometheus (with promtool) and
 #      Alertmanager if they are missing (needs root/apt);
-#   2. builds .venv and installs the package with its test, lint and typing extras, compiling the
-#      breaker's C fast path (required here: the tests run it and the pure-Python path both);
-#   3. runs ruff (lint + format check), mypy --strict, then pytest (pytest args pass through).
+#   2. builds .venv and installs the package with its test, lint, typing and docs extras;
+#   3. runs ruff (lint + format check) and mypy --strict;
+#   4. runs the tests that need no server on the oldest supported CPython (3.10) and on the newest
+#      one installed, in their own venvs kept in .venvs/ (tests/other_pythons.sh --ci: about
+#      20 s of CPU each, in parallel; a missing 3.10 fails the run only when CI=true);
+#   5. runs the whole pytest suite on .venv's Python (pytest args pass through), which also
+#      builds the documentation site with mkdocs build --strict.
 # The tests start their own servers on free loopback ports; nothing else is started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +44,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-export VERITAS_RESILIENCE_REQUIRE_EXTENSIONS=1
 .venv/bin/python -m pip install -q -e '.[dev]'
 
 echo "== ruff"
@@ -48,5 +51,7 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy --strict"
 .venv/bin/mypy
+echo "== other CPythons (no servers)"
+bash tests/other_pythons.sh --ci
 echo "== pytest"
 exec .venv/bin/pytest "$@"
