@@ -711,3 +711,22 @@ async def test_no_password_or_token_ever_appears_in_any_output() -> None:
     assert "app:***@db1" in everything
     for secret in (DSN_PASSWORD, REDIS_PASSWORD, TOKEN):
         assert secret not in everything
+
+
+async def test_concurrent_shutdowns_both_return_when_the_last_request_ends() -> None:
+    """Two shutdown() calls waiting together both see the drain end, not their timeout."""
+    health = registry(drain_timeout=5)
+    health._request_started()
+    drained: list[bool] = []
+
+    async def shut_down() -> None:
+        drained.append(await health.shutdown())
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shut_down)
+        tg.start_soon(shut_down)
+        await anyio.sleep(0.05)
+        health._request_finished()
+    assert drained == [True, True]
+    assert time.monotonic() - started < 4
