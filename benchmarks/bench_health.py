@@ -11,8 +11,9 @@ bounded by a request count and a time limit; the targets alternate within each c
 level. Two load generators run in turn: httpx async clients (10 connections each: httpx pools
 slow down sharply with many connections), and a minimal keep-alive HTTP/1.1 client that costs
 far less CPU than the server it loads (on a small machine the httpx generator saturates before
-the server does). Reported: requests per
-second and the latency percentiles seen by the client.
+the server does). A third run paces the probes (``PACED_RATE`` requests per second in total,
+each connection on its own period, as Kubernetes probes come) to compare latency below
+saturation. Reported: requests per second and the latency percentiles seen by the client.
 
 Run: ``python -m benchmarks.bench_health`` (``--quick`` for a short validation run,
 ``--no-write`` to leave RESULTS.md alone).
