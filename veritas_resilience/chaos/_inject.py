@@ -262,8 +262,10 @@ class FaultInjector(Injector):
         if isinstance(fault, BaseException):
             return copy.copy(fault)
         if isinstance(fault, type):
-            return fault(f"fault injected by {self.name!r}")
-        return fault()
+            instance: BaseException = fault(f"fault injected by {self.name!r}")
+            return instance
+        made: BaseException | None = fault()
+        return made
 
     async def _inject(
         self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]

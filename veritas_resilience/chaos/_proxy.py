@@ -96,7 +96,7 @@ class Toxic:
                     f"{self.type} toxic has no attribute {key!r} (it has {', '.join(defaults)})",
                     400,
                 )
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float) and float(value).is_integer():
                 value = int(value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ProxyError(f"{self.type}.{key} must be an integer >= 0, got {value!r}", 400)
@@ -395,6 +395,8 @@ class _Proxy:
         self.conns.add(conn)
         tasks: list[asyncio.Task[None]] = []
         try:
+            if not self.enabled:  # accepted just before the proxy was disabled
+                return
             if self.blackholed:
                 # Read and drop until the client leaves or the proxy cuts the connection.
                 with contextlib.suppress(OSError):

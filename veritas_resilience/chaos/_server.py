@@ -287,7 +287,8 @@ class ProxyServer:
                 connections=len(proxy.conns),
             )
 
-        return self._call(snapshot)
+        info: ProxyInfo = self._call(snapshot)
+        return info
 
     def proxies(self) -> dict[str, ProxyInfo]:
         """Snapshots of every proxy, by name."""
