@@ -329,3 +329,37 @@ def test_token_protects_the_api(echo: str) -> None:
             assert json.load(urllib.request.urlopen(request)) == {}
     with pytest.raises(ValueError, match="token"):
         ProxyServer(host="0.0.0.0", port=0)
+
+
+def test_proxy_command_serves_the_api(echo: str) -> None:
+    """`veritas-resilience proxy` serves Toxiproxy's API and creates the --config proxies."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as config:
+        json.dump([{"name": "echo", "upstream": echo, "listen": "127.0.0.1:0"}], config)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "veritas_resilience",
+            "proxy",
+            "--port",
+            "0",
+            "--config",
+            config.name,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("proxy echo: 127.0.0.1:")
+        url = lines[1].split(" on ", 1)[1].split()[0]
+        assert urllib.request.urlopen(f"{url}/version").read().decode()
+        assert set(json.load(urllib.request.urlopen(f"{url}/proxies"))) == {"echo"}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

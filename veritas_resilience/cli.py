@@ -4,6 +4,9 @@ Subcommands:
 
 - ``demo``: a breaker in front of a dependency that fails and then recovers. It prints every state
   change as it happens, then the Prometheus exposition of the breaker's metrics.
+- ``drill``: a failover drill on real servers (started on loopback, or yours); exits non-zero
+  when a scenario fails.
+- ``proxy``: the TCP fault proxy server with Toxiproxy's HTTP API.
 """
 
 from __future__ import annotations
@@ -84,7 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a breaker opening, half-opening and closing")
     demo.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    from .chaos import _cli as proxy_cli
+    from .drill import _cli as drill_cli
+
+    drill_cli.add_arguments(sub.add_parser("drill", help="a failover drill on real servers"))
+    proxy_cli.add_arguments(sub.add_parser("proxy", help="a fault proxy with Toxiproxy's API"))
     args = parser.parse_args(argv)
+    if args.command == "drill":
+        return drill_cli.run(args)
+    if args.command == "proxy":
+        return proxy_cli.run(args)
     if args.command == "demo":
         anyio.run(_demo, args.backend, backend=args.backend)
     return 0

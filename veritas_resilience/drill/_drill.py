@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -102,13 +101,16 @@ class ScenarioResult:
         repair_at: Drill time the repair started (s).
         recovered_at: Drill time service was restored (s), if it was.
         end_at: Drill time the scenario ended (s).
-        detection: Seconds from the fault to the first failed or degraded call on its store
-            (None: callers never noticed).
-        first_write: Seconds from the fault to the first successful write started after it.
+        detection: Seconds from the fault to the first sign of it on its store: a failed call,
+            a read served by the stale cache, or the client's health leaving ``ok`` (None:
+            nothing noticed it).
+        first_write: Seconds from the fault to the first successful write begun once the fault
+            was noticed (or after the fault, if it never was).
         errors: Failed calls by error type, during the scenario.
         fallback_served: Reads answered by the stale cache during the scenario.
         writes_ok: Acknowledged writes during the scenario (every store).
-        timeline: Per second since the fault (from -warmup): ``[t, writes ok, errors]``.
+        timeline: Per store, points every 0.5 s since the fault (negative before it):
+            ``(t, writes ok per second, failed calls per second)``.
     """
 
     name: str
@@ -174,8 +176,7 @@ class ScenarioResult:
             "fallback_served": self.fallback_served,
             "writes_ok": self.writes_ok,
             "timeline": {
-                store: [list(point) for point in points]
-                for store, points in self.timeline.items()
+                store: [list(point) for point in points] for store, points in self.timeline.items()
             },
         }
 
@@ -443,7 +444,8 @@ class Drill:
         w = self.workload
         end = result.end_at if result.end_at is not None else w.now()
         start = result.start_at if result.start_at is not None else 0.0
-        ops = [op for op in w.ops if start <= op.end <= end]
+        everything = [op for op in w.ops if start <= op.end <= end]
+        ops = [op for op in everything if op.kind != "health"]
         result.errors = dict(Counter(op.error for op in ops if op.error is not None).most_common())
         result.fallback_served = sum(op.fallback for op in ops)
         result.writes_ok = sum(op.kind == "write" and op.outcome == "ok" for op in ops)
@@ -453,9 +455,15 @@ class Drill:
             return
         hit = [op for op in ops if op.store == scenario.store and op.end >= fault]
         noticed = [op.end for op in hit if op.outcome != "ok" or op.fallback]
+        # The client's own health counts too, if it was "ok" just before the fault.
+        health = [op for op in everything if op.store == scenario.store and op.kind == "health"]
+        before = [op for op in health if op.end < fault]
+        if before and before[-1].outcome == "ok":
+            noticed += [op.end for op in health if op.end >= fault and op.outcome != "ok"]
         result.detection = min(noticed) - fault if noticed else None
+        since = fault + (result.detection or 0.0)
         written = [
-            op.end for op in hit if op.kind == "write" and op.outcome == "ok" and op.start >= fault
+            op.end for op in hit if op.kind == "write" and op.outcome == "ok" and op.start >= since
         ]
         result.first_write = min(written) - fault if written else None
         own_timeouts = sum(op.error == "TimeoutError" for op in ops)
@@ -463,25 +471,24 @@ class Drill:
             Hypothesis(
                 f"every call returned within {self.timings.op_timeout:.0f}s",
                 own_timeouts == 0,
-                f"{own_timeouts} calls abandoned by the drill"
-                if own_timeouts
-                else "no call hung",
+                f"{own_timeouts} calls abandoned by the drill" if own_timeouts else "no call hung",
             )
         )
         if not scenario.errors_allowed:
-            during = [
-                op
-                for op in hit
-                if op.end <= (result.recovered_at or end) and (op.outcome != "ok" or op.fallback)
-            ]
-            kinds = Counter(op.error or "fallback" for op in during)
+            window = [op for op in hit if op.end <= (result.recovered_at or end)]
+            kinds = Counter(op.error for op in window if op.outcome != "ok")
+            stale = sum(op.fallback for op in window)
+            detail = ", ".join(f"{n}x {e}" for e, n in kinds.most_common()) or "none failed"
             result.hypotheses.append(
                 Hypothesis(
                     f"{scenario.store}: no call failed during the fault",
-                    not during,
-                    ", ".join(f"{n}x {e}" for e, n in kinds.most_common()) or "none failed",
+                    not kinds,
+                    f"{detail}; {stale} reads answered by the stale cache past their deadline",
                 )
             )
+
+
+_BUCKET = 0.5  # seconds per timeline point; counts are scaled to per second
 
 
 def _timeline(ops: list[Op], origin: float) -> dict[str, list[tuple[float, int, int]]]:
@@ -489,8 +496,8 @@ def _timeline(ops: list[Op], origin: float) -> dict[str, list[tuple[float, int, 
     for op in ops:
         if op.kind != "write" and op.outcome == "ok":
             continue
-        second = int((op.end - origin) // 1)
-        slot = buckets.setdefault(op.store, {}).setdefault(second, [0, 0])
+        index = int((op.end - origin) // _BUCKET)
+        slot = buckets.setdefault(op.store, {}).setdefault(index, [0, 0])
         if op.outcome == "ok":
             slot[0] += 1
         else:
@@ -498,7 +505,11 @@ def _timeline(ops: list[Op], origin: float) -> dict[str, list[tuple[float, int, 
     timeline: dict[str, list[tuple[float, int, int]]] = {}
     for store, slots in buckets.items():
         lo, hi = min(slots), max(slots)
-        timeline[store] = [(float(s), *slots.get(s, [0, 0])) for s in range(lo, hi + 1)]  # type: ignore[misc]
+        scale = round(1 / _BUCKET)
+        timeline[store] = [
+            (i * _BUCKET, slots.get(i, [0, 0])[0] * scale, slots.get(i, [0, 0])[1] * scale)
+            for i in range(lo, hi + 1)
+        ]
     return timeline
 
 
@@ -533,8 +544,7 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
     Raises:
         DrillError: If server binaries are missing (the message says how to install them).
     """
-    from ..postgres import FailoverClient, Node
-    from ..redis import SentinelRedis
+    from ..postgres import Node
     from ..testing import LocalPostgresCluster, LocalRedisSentinel
 
     _check_binaries()
@@ -566,7 +576,8 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
             capabilities={"pg_control", "pg_proxy", "redis_control", "disk"},
             description={
                 "mode": "embedded",
-                "postgres": f"primary + 1 synchronous standby (PostgreSQL {cluster.server_version})",
+                "postgres": "primary + 1 synchronous standby "
+                f"(PostgreSQL {cluster.server_version})",
                 "redis": "master + 1 replica + 3 Sentinels",
                 "disk": "journal file, fsync per write",
             },
@@ -729,8 +740,3 @@ async def external_environment(
                     await redis.aclose()
             proxies.close()
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _environ_secret(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value or None

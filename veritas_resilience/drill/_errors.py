@@ -1,8 +1,8 @@
 """The exceptions of :mod:`veritas_resilience.drill`::
 
-    ResilienceError
-    └── DrillError          the drill cannot run: missing server binaries (the message says how
-                            to install them), an unreachable server, a bad option
+ResilienceError
+└── DrillError          the drill cannot run: missing server binaries (the message says how
+                        to install them), an unreachable server, a bad option
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ the drill started itself (``requires`` names what a scenario needs from its envi
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -89,9 +88,7 @@ class PostgresPrimaryCrash(Scenario):
         await anyio.to_thread.run_sync(cluster.promote, new)
         # Synchronous replication with its only standby gone would hold every commit: as HA
         # managers do, run asynchronous until a standby is back.
-        await anyio.to_thread.run_sync(
-            cluster.alter_system, new, "synchronous_standby_names", None
-        )
+        await anyio.to_thread.run_sync(cluster.alter_system, new, "synchronous_standby_names", None)
         self.recovered_at = env.now()
         await anyio.to_thread.run_sync(cluster.rewind_as_standby, old, new)
         if sync.strip():

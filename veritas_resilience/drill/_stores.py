@@ -51,6 +51,14 @@ class PostgresStore:
             f"SELECT count(*) FROM {TABLE} WHERE tag = $1", tag, route="prefer_standby"
         )
 
+    async def health(self) -> str:
+        """The client's own health status: ``ok``, ``degraded`` or ``down``."""
+        return (await self.client.health()).status
+
+    async def cached_read(self, tag: str) -> object:
+        """The same count, on the primary (the read behind the stale cache)."""
+        return await self.client.fetchval(f"SELECT count(*) FROM {TABLE} WHERE tag = $1", tag)
+
     async def final_read(self, tag: str) -> set[int]:
         """Every id of the set, read on the primary."""
         rows = await self.client.fetch(f"SELECT id FROM {TABLE} WHERE tag = $1", tag)
@@ -104,6 +112,10 @@ class RedisStore:
     async def read(self, tag: str) -> object:
         """SCARD of the set."""
         return await self.client.scard(KEY_PREFIX + tag)
+
+    async def health(self) -> str:
+        """The client's own health status: ``ok``, ``degraded`` or ``down``."""
+        return str((await self.client.health()).status)
 
     async def final_read(self, tag: str) -> set[int]:
         """SMEMBERS of the set, on the master."""

@@ -20,12 +20,14 @@ from typing import Literal, Protocol
 import anyio
 
 from .._fallback import FallbackChain, StaleCache, track_fallbacks
+from ..limits import Timeout
+from ..pipeline import Pipeline
 from ._check import SetChecker
 
 __all__ = ["Op", "Outcome", "Store", "Workload"]
 
 Outcome = Literal["ok", "fail", "info"]
-OpKind = Literal["write", "read", "cached_read"]
+OpKind = Literal["write", "read", "cached_read", "health"]
 
 
 class Store(Protocol):
@@ -48,7 +50,11 @@ class Store(Protocol):
         ...
 
     async def final_read(self, tag: str) -> set[int]:
-        """Every id in the set ``tag``."""
+        """Every id in the set ``tag``.
+
+        A store may also define ``cached_read(tag)`` (the read behind the stale cache; ``read``
+        when absent) and ``health()`` (the client's own status, ``"ok"`` when well).
+        """
         ...
 
     def classify(self, error: BaseException) -> Outcome:
@@ -62,7 +68,8 @@ class Op:
 
     Attributes:
         store: The store's name.
-        kind: ``"write"``, ``"read"`` or ``"cached_read"``.
+        kind: ``"write"``, ``"read"``, ``"cached_read"``, or ``"health"`` (the client's own
+            health report, for stores that have one: ``ok`` or ``fail``).
         start: Seconds since the drill started, when it began.
         end: Seconds since the drill started, when it ended.
         outcome: ``"ok"``, ``"fail"`` or ``"info"`` (reads: ``"ok"`` or ``"fail"``).
@@ -111,6 +118,8 @@ class Workload:
         interval: Seconds each worker waits between two operations.
         op_timeout: Seconds after which an operation is abandoned (a write then counts as
             indeterminate): nothing in the drill waits forever.
+        cached_read_timeout: Deadline of the cached read path, after which the stale cache
+            answers.
         clock: Seconds, monotonic.
     """
 
@@ -121,6 +130,7 @@ class Workload:
         writers: int = 2,
         interval: float = 0.02,
         op_timeout: float = 10.0,
+        cached_read_timeout: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stores = stores
@@ -132,16 +142,22 @@ class Workload:
         self.ops: list[Op] = []
         self._ids = itertools.count(1)
         self._tag: _Tag | None = None
+        # The cached read path: a read with a deadline, answered from the last good value when
+        # the deadline passes or the read fails (a stale-if-error cache).
         self._caches = {
-            store.name: FallbackChain(
-                StaleCache(
-                    name=f"drill-{store.name}",
-                    max_staleness=3600,
-                    key=lambda *args, **kwargs: "steady",
+            store.name: Pipeline(
+                name=f"drill-{store.name}-read",
+                fallback=FallbackChain(
+                    StaleCache(
+                        name=f"drill-{store.name}",
+                        max_staleness=3600,
+                        key=lambda *args, **kwargs: "steady",
+                        hooks=[],
+                    ),
+                    name=f"drill-{store.name}-read",
                     hooks=[],
                 ),
-                name=f"drill-{store.name}-read",
-                hooks=[],
+                timeout=Timeout(cached_read_timeout, name=f"drill-{store.name}-read", hooks=[]),
             )
             for store in stores
         }
@@ -155,14 +171,14 @@ class Workload:
         self._tag = _Tag(tag, {store.name: SetChecker() for store in self.stores})
         return self._tag.checkers
 
-    async def drain(self, tag: str, timeout: float) -> None:
-        """Stop writing to ``tag`` and wait (at most ``timeout`` s) for its writes in flight."""
+    async def drain(self, tag: str, limit: float) -> None:
+        """Stop writing to ``tag`` and wait (at most ``limit`` s) for its writes in flight."""
         current = self._tag
         if current is None or current.name != tag:
             return
         self._tag = None
         if current.in_flight:
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(limit):
                 await current.idle.wait()
 
     async def run(self) -> None:
@@ -173,6 +189,8 @@ class Workload:
                     tg.start_soon(self._writer, store)
                 tg.start_soon(self._reader, store, False)
                 tg.start_soon(self._reader, store, True)
+                if callable(getattr(store, "health", None)):
+                    tg.start_soon(self._health, store)
 
     async def _writer(self, store: Store) -> None:
         while True:
@@ -195,7 +213,9 @@ class Workload:
             finally:
                 tag.in_flight -= 1
             {"ok": checker.ok, "fail": checker.fail, "info": checker.info}[outcome](item)
-            self.ops.append(Op(store.name, "write", start, self.now(), outcome, error, False, tag.name))
+            self.ops.append(
+                Op(store.name, "write", start, self.now(), outcome, error, False, tag.name)
+            )
             if not tag.in_flight and self._tag is not tag:
                 tag.idle.set()
             await anyio.sleep(self.interval)
@@ -212,7 +232,7 @@ class Workload:
                 with anyio.fail_after(self.op_timeout):
                     if cached:
                         with track_fallbacks() as served:
-                            await chain.call(store.read, name)
+                            await chain.call(getattr(store, "cached_read", store.read), name)
                         fallback = served.degraded
                     else:
                         await store.read(name)
@@ -232,20 +252,36 @@ class Workload:
             )
             await anyio.sleep(self.interval * 2)
 
+    async def _health(self, store: Store) -> None:
+        health = getattr(store, "health")  # noqa: B009 - optional method of a Store
+        while True:
+            tag = self._tag
+            start = self.now()
+            try:
+                with anyio.fail_after(self.op_timeout):
+                    status = str(await health())
+            except Exception as exc:
+                status = error_name(exc)
+            outcome: Outcome = "ok" if status == "ok" else "fail"
+            error = None if status == "ok" else f"health:{status}"
+            name = tag.name if tag is not None else ""
+            self.ops.append(
+                Op(store.name, "health", start, self.now(), outcome, error, False, name)
+            )
+            await anyio.sleep(0.05)
+
     # -- measurements ----------------------------------------------------------------------------
 
     def window(self, start: float, end: float, store: str | None = None) -> list[Op]:
         """Operations that ended in ``[start, end)``, of one store or all."""
         return [
-            op
-            for op in self.ops
-            if start <= op.end < end and (store is None or op.store == store)
+            op for op in self.ops if start <= op.end < end and (store is None or op.store == store)
         ]
 
     def steady(self, start: float, end: float) -> tuple[bool, str]:
         """Whether every store wrote and read successfully in the window, with no error."""
         for store in self.stores:
-            ops = self.window(start, end, store.name)
+            ops = [op for op in self.window(start, end, store.name) if op.kind != "health"]
             writes = [op for op in ops if op.kind == "write"]
             ok = sum(op.outcome == "ok" for op in writes)
             errors = Counter(op.error for op in ops if op.outcome != "ok")
