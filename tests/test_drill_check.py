@@ -158,3 +158,17 @@ def test_missing_binaries_say_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(DrillError, match="apt-get install -y postgresql redis-server") as info:
         _check_binaries()
     assert "PostgreSQL server binaries" in str(info.value)
+
+
+def test_unreachable_server_is_reported_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Pointed at a server that is down, the drill exits 2 and never prints the DSN's password."""
+    from veritas_resilience.cli import main
+    from veritas_resilience.testing import free_port
+
+    dsn = f"postgresql://app:s3cret-pw@127.0.0.1:{free_port()}/app"
+    assert main(["drill", "--postgres", dsn, "--html", ""]) == drill_cli.EXIT_CANNOT_RUN
+    out = capsys.readouterr()
+    assert "PostgreSQL not usable" in out.out + out.err
+    assert "s3cret-pw" not in out.out + out.err
