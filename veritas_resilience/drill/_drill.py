@@ -218,6 +218,14 @@ class DrillReport:
         }
 
 
+_NEEDS = {
+    "pg_control": "PostgreSQL started by the drill",
+    "pg_proxy": "PostgreSQL (--postgres)",
+    "redis_control": "Redis started by the drill",
+    "disk": "/dev/full",
+}
+
+
 class Progress(Protocol):
     """Receives the drill's progress (the CLI shows it live)."""
 
@@ -339,7 +347,7 @@ class Drill:
                 missing = scenario.requires - self.env.capabilities
                 result = ScenarioResult(scenario.name, scenario.title, scenario.store)
                 if missing:
-                    result.skipped = "needs " + ", ".join(sorted(missing))
+                    result.skipped = "needs " + ", ".join(_NEEDS.get(m, m) for m in sorted(missing))
                 else:
                     tags.append(scenario.name)
                     await self._play(scenario, result)
