@@ -163,3 +163,19 @@ def test_bad_settings_are_rejected_with_the_parameter_named() -> None:
         FaultInjector(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="chaos"):
         Pipeline(chaos=[object()])  # type: ignore[list-item]
+
+
+async def test_injections_are_counted_for_prometheus() -> None:
+    """veritas_chaos_injections_total counts each injector's injections, by name and kind."""
+    from prometheus_client import CollectorRegistry
+
+    from veritas_resilience import PrometheusHook
+
+    registry = CollectorRegistry()
+    injector = OutcomeInjector(
+        0, injection_rate=1.0, name="fake-zero", hooks=[PrometheusHook(registry)]
+    )
+    for i in range(3):
+        await injector.call(source, i)
+    labels = {"name": "fake-zero", "kind": "outcome"}
+    assert registry.get_sample_value("veritas_chaos_injections_total", labels) == 3.0

@@ -26,7 +26,7 @@ import inspect
 import itertools
 import math
 import random as _random
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
@@ -36,6 +36,7 @@ from .. import _hooks
 from .._clock import Clock
 from .._validate import Seconds, seconds
 from ..events import Event, Hook
+from ..instrumentation.prometheus import HistogramValue, define_metric
 from ..limits import _name, _require_async
 from ._errors import InjectedFaultError
 
@@ -53,6 +54,13 @@ T = TypeVar("T")
 
 RandomSource = _random.Random | Callable[[], float]
 _names = itertools.count(1)
+
+define_metric(
+    "veritas_chaos_injections",
+    "counter",
+    "Calls a chaos injector injected into (kind: fault, latency, outcome, behaviour).",
+    ("name", "kind"),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +187,9 @@ class Injector(_hooks.Instrumented):
             self.injected += 1
             return True
         return False
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        yield "veritas_chaos_injections", (self._name, self.injector_kind), float(self.injected)
 
     def _emit_injected(self, **fields: Any) -> None:
         if self._wants_events:
