@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,10 +144,14 @@ async def _run(args: argparse.Namespace, console: Console) -> DrillReport:
         )
     else:
         env_cm = embedded_environment()
+    started = time.monotonic()
     with _LiveProgress(console) as progress:
         async with env_cm as env:
-            progress.phase("setup", "servers up; starting the workload")
-            return await Drill(env, scenarios, progress=progress).run()
+            setup = time.monotonic() - started
+            progress.phase("setup", f"servers up in {setup:.1f}s; starting the workload")
+            report = await Drill(env, scenarios, progress=progress).run()
+            report.setup = setup
+            return report
 
 
 def run(args: argparse.Namespace) -> int:

@@ -111,6 +111,7 @@ class ScenarioResult:
         writes_ok: Acknowledged writes during the scenario (every store).
         timeline: Per store, points every 0.5 s since the fault (negative before it):
             ``(t, writes ok per second, failed calls per second)``.
+        marks: Moments of the repair, as ``(drill time, label)`` (promotion, SIGCONT...).
     """
 
     name: str
@@ -131,6 +132,7 @@ class ScenarioResult:
     fallback_served: int = 0
     writes_ok: int = 0
     timeline: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
+    marks: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def lost(self) -> int:
@@ -175,6 +177,7 @@ class ScenarioResult:
             "errors": dict(self.errors),
             "fallback_served": self.fallback_served,
             "writes_ok": self.writes_ok,
+            "marks": [{"seconds": rel(t), "label": label} for t, label in self.marks],
             "timeline": {
                 store: [list(point) for point in points] for store, points in self.timeline.items()
             },
@@ -193,13 +196,15 @@ class DrillReport:
         results: One per scenario, in order.
         environment: What the drill ran against (no secrets).
         started: Wall-clock start (ISO 8601, UTC).
-        duration: Seconds the drill took, setup included.
+        duration: Seconds the scenarios took.
+        setup: Seconds the environment took to start (servers, clients), when known.
     """
 
     results: list[ScenarioResult]
     environment: dict[str, Any]
     started: str
     duration: float = 0.0
+    setup: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -213,6 +218,7 @@ class DrillReport:
             "passed": self.passed,
             "started": self.started,
             "duration_seconds": round(self.duration, 2),
+            "setup_seconds": None if self.setup is None else round(self.setup, 2),
             "environment": self.environment,
             "scenarios": [r.as_dict() for r in self.results],
         }
@@ -397,6 +403,7 @@ class Drill:
                     Hypothesis("fault injected and repaired", False, redact(f"{exc!r}"))
                 )
             result.recovered_at = scenario.recovered_at
+            result.marks = list(scenario.marks)
             self._phase(scenario, "settle")
             result.hypotheses.append(await self._settle())
         self._phase(scenario, "check")

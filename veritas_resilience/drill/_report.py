@@ -84,7 +84,8 @@ def render_table(report: DrillReport, console: Console) -> None:
             if not h.held:
                 console.print(f"[red]✗[/] {r.name}: {escape(h.name)}: {escape(h.detail)}")
     verdict = "[green]every scenario passed[/]" if report.passed else "[bold red]FAILED[/]"
-    console.print(f"{verdict} in {report.duration:.1f}s")
+    setup = "" if report.setup is None else f" (+{report.setup:.1f}s to start the servers)"
+    console.print(f"{verdict}: scenarios took {report.duration:.1f}s{setup}")
 
 
 def to_json(report: DrillReport) -> str:
@@ -113,7 +114,7 @@ def _chart_svg(result: ScenarioResult) -> str:
         end = (result.recovered_at or result.end_at or result.fault_at) - result.fault_at
         ax.axvspan(0, max(end, 0.05), color="#f4a261", alpha=0.25, label="fault until recovery")
         ax.axvline(0, color="#e76f51", linewidth=1.5)
-        if result.repair_at is not None:
+        if result.repair_at is not None and result.repair_at - result.fault_at > 0.05:
             ax.axvline(
                 result.repair_at - result.fault_at,
                 color="#2a9d8f",
@@ -121,6 +122,8 @@ def _chart_svg(result: ScenarioResult) -> str:
                 linewidth=1.5,
                 label="repair starts",
             )
+        for (t, label), style in zip(result.marks, ("-.", (0, (5, 1)), (0, (1, 1)), "--")):
+            ax.axvline(t - result.fault_at, color="#6a4c93", linestyle=style, label=label)
     ax.set_xlabel("seconds since the fault")
     ax.set_ylabel("per second")
     ax.set_title(result.title, fontsize=10)

@@ -45,7 +45,8 @@ class Scenario:
         hold: Seconds the fault lasts before the repair starts.
         errors_allowed: Whether callers may see errors during the fault (False for latency:
             a slow dependency within the timeouts must not fail calls).
-        recovered_at: Set by :meth:`recover` when the system is whole again (drill time).
+        recovered_at: Set by :meth:`recover` when service is restored (drill time).
+        marks: Moments worth marking on the timeline, as ``(drill time, label)``.
     """
 
     name: ClassVar[str] = "scenario"
@@ -55,6 +56,13 @@ class Scenario:
     hold: float = 3.0
     errors_allowed: bool = True
     recovered_at: float | None = field(default=None, init=False)
+    marks: list[tuple[float, str]] = field(default_factory=list, init=False)
+
+    def mark(self, env: Environment, label: str) -> float:
+        """Record a moment of the scenario; return its drill time."""
+        now = env.now()
+        self.marks.append((now, label))
+        return now
 
     async def inject(self, env: Environment) -> None:
         """Inject the fault."""
@@ -89,8 +97,9 @@ class PostgresPrimaryCrash(Scenario):
         # Synchronous replication with its only standby gone would hold every commit: as HA
         # managers do, run asynchronous until a standby is back.
         await anyio.to_thread.run_sync(cluster.alter_system, new, "synchronous_standby_names", None)
-        self.recovered_at = env.now()
+        self.recovered_at = self.mark(env, "standby promoted")
         await anyio.to_thread.run_sync(cluster.rewind_as_standby, old, new)
+        self.mark(env, "old primary rewound, streaming")
         if sync.strip():
             await anyio.to_thread.run_sync(
                 cluster.alter_system, new, "synchronous_standby_names", sync.strip()
@@ -175,8 +184,9 @@ class RedisMasterKill(Scenario):
         """Wait for the Sentinels' failover, then restart the old master as a replica."""
         kit = env.require_redis_kit()
         await anyio.to_thread.run_sync(lambda: kit.wait_for_master_change(self._old, timeout=30))
-        self.recovered_at = env.now()
+        self.recovered_at = self.mark(env, "Sentinels named a new master")
         await anyio.to_thread.run_sync(lambda: kit.restart_node(self._old, timeout=30))
+        self.mark(env, "old master back as a replica")
 
 
 @dataclass
@@ -185,24 +195,35 @@ class RedisMasterPause(Scenario):
     over; it wakes up (SIGCONT) still believing it is the master until they convert it."""
 
     name: ClassVar[str] = "redis-master-pause"
-    title: ClassVar[str] = "Redis master paused (SIGSTOP) past down-after"
+    title: ClassVar[str] = "Redis master paused (SIGSTOP) for 3 s, past down-after"
     store: ClassVar[str] = "redis"
     requires: ClassVar[frozenset[str]] = frozenset({"redis_control"})
-    hold: float = 3.0
+    hold: float = 0.0
+    pause: float = 3.0
     _old: tuple[str, int] = field(default=("", 0), init=False)
+    _paused_at: float = field(default=0.0, init=False)
 
     async def inject(self, env: Environment) -> None:
         """SIGSTOP the master."""
         kit = env.require_redis_kit()
         self._old = await anyio.to_thread.run_sync(kit.pause_master)
+        self._paused_at = env.now()
 
     async def recover(self, env: Environment) -> None:
-        """SIGCONT it and wait until it replicates from the new master."""
+        """Wait for the Sentinels' failover, SIGCONT the old master once ``pause`` seconds have
+        passed, and wait until it replicates from the new master."""
         kit = env.require_redis_kit()
-        await anyio.to_thread.run_sync(kit.resume_master)
-        await anyio.to_thread.run_sync(lambda: kit.wait_for_master_change(self._old, timeout=30))
-        self.recovered_at = env.now()
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: kit.wait_for_master_change(self._old, timeout=30)
+            )
+            self.recovered_at = self.mark(env, "Sentinels named a new master")
+            await anyio.sleep(max(self._paused_at + self.pause - env.now(), 0.0))
+        finally:
+            await anyio.to_thread.run_sync(kit.resume_master)
+        self.mark(env, "old master resumed (SIGCONT)")
         await anyio.to_thread.run_sync(lambda: kit.wait_replicas_synced(timeout=30))
+        self.mark(env, "old master converted to a replica")
 
 
 @dataclass
