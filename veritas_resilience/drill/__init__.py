@@ -1,7 +1,7 @@
 """Failover drills: real faults against real servers, with a Jepsen-style check of the writes.
 
 ``veritas-resilience drill`` runs one. With no arguments it starts the embedded default (a
-PostgreSQL primary and standby, a Redis master, replica and three Sentinels, all on loopback),
+PostgreSQL primary and standby, a Redis master, two replicas and three Sentinels, all on loopback),
 runs a workload through :class:`~veritas_resilience.postgres.FailoverClient`,
 :class:`~veritas_resilience.redis.SentinelRedis` and a fallback chain with a stale cache, and
 plays each :class:`Scenario` in turn. Each scenario checks a steady-state hypothesis before and

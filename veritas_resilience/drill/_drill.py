@@ -552,7 +552,7 @@ def _check_binaries() -> None:
 async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[Environment]:
     """Start the embedded default and yield its environment; stop everything afterwards.
 
-    A PostgreSQL primary and a synchronous standby, and a Redis master, one replica and three
+    A PostgreSQL primary and a synchronous standby, and a Redis master, two replicas and three
     Sentinels, all on free loopback ports in a temporary folder (the testing kit), with the
     clients reaching PostgreSQL through the drill's proxy.
 
@@ -565,7 +565,7 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
     _check_binaries()
     folder = Path(tempfile.mkdtemp(prefix="veritas-drill-", dir=workdir))
     cluster = LocalPostgresCluster(standbys=1, synchronous=True)
-    kit = LocalRedisSentinel(num_replicas=1, down_after_ms=800, failover_timeout_ms=2000)
+    kit = LocalRedisSentinel(num_replicas=2, down_after_ms=800, failover_timeout_ms=2000)
     proxies = ProxyServer()
     pg: FailoverClient | None = None
     redis: SentinelRedis | None = None
@@ -593,7 +593,7 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
                 "mode": "embedded",
                 "postgres": "primary + 1 synchronous standby "
                 f"(PostgreSQL {cluster.server_version})",
-                "redis": "master + 1 replica + 3 Sentinels",
+                "redis": "master + 2 replicas + 3 Sentinels (writes WAIT for 1)",
                 "disk": "journal file, fsync per write",
             },
             pg_client=pg,
