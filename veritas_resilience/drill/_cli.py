@@ -81,7 +81,9 @@ class _LiveProgress:
     def __enter__(self) -> _LiveProgress:
         from rich.live import Live
 
-        self.live = Live(self._render(None), console=self.console, refresh_per_second=4)
+        self.live = Live(
+            self._render(None), console=self.console, refresh_per_second=4, transient=True
+        )
         self.live.__enter__()
         return self
 
