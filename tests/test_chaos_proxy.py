@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from toxiproxy.exceptions import NotFound, ProxyExists  # type: ignore[import-untyped]
@@ -363,3 +364,31 @@ def test_proxy_command_serves_the_api(echo: str) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def _request(url: str, method: str, body: object) -> Any:
+    data = json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data, method=method)) as response:
+        return json.load(response)
+
+
+def test_api_updates_toxics_and_upstreams(api: tuple[ProxyServer, Toxiproxy], echo: str) -> None:
+    """POST/PATCH on a toxic changes its attributes; POST on a proxy moves its upstream."""
+    server, _ = api
+    info = server.create_proxy("p", "127.0.0.1:9")  # nothing listens there
+    base = f"{server.api_url}/proxies/p"
+    _request(f"{base}/toxics", "POST", {"type": "limit_data", "attributes": {"bytes": 1}})
+    updated = _request(
+        f"{base}/toxics/limit_data_downstream", "PATCH", {"attributes": {"bytes": 3}}
+    )
+    assert updated == {
+        "name": "limit_data_downstream",
+        "type": "limit_data",
+        "stream": "downstream",
+        "toxicity": 1.0,
+        "attributes": {"bytes": 3},
+    }
+    assert _request(base, "POST", {"upstream": echo})["upstream"] == echo
+    with socket.create_connection((info.host, info.port), timeout=5) as sock:
+        sock.sendall(b"abcdef")
+        assert recv_all(sock) == b"abc"

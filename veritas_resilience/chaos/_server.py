@@ -43,6 +43,7 @@ __all__ = ["ProxyInfo", "ProxyServer"]
 
 VERSION = "2.9.0"  # the Toxiproxy API version this server implements
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_MAX_BODY = 1 << 20  # API bodies are a few hundred bytes; refuse to buffer more
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,10 +502,11 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         try:
-            body = self._body()
             if not self.proxy_server._authorized(self.headers.get("Authorization")):
+                self.close_connection = True  # its body, if any, is never read
                 self._send(401, {"error": "unauthorized", "status": 401})
                 return
+            body = self._body()
             path = self.path.split("?", 1)[0]
             for route, pattern in _ROUTES:
                 match = pattern.match(path)
@@ -520,6 +522,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_BODY:
+            self.close_connection = True
+            raise ProxyError(f"the body is over {_MAX_BODY} bytes", 413)
         raw = self.rfile.read(length) if length else b""
         if not raw.strip():
             return None
