@@ -172,3 +172,22 @@ def test_unreachable_server_is_reported_without_its_password(
     out = capsys.readouterr()
     assert "PostgreSQL not usable" in out.out + out.err
     assert "s3cret-pw" not in out.out + out.err
+
+
+def test_html_report_says_how_to_get_charts_without_matplotlib(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without matplotlib the HTML report keeps its tables and names the extra to install."""
+    from veritas_resilience.drill import DrillReport, ScenarioResult, _report
+
+    result = ScenarioResult("nothing", "no fault", "lossy", passed=True, fault_at=1.0)
+    result.timeline = {"lossy": [(-1.0, 10, 0), (0.0, 8, 2)]}
+    report = DrillReport([result], {"mode": "test"}, "2026-01-01T00:00:00Z")
+    monkeypatch.setattr(_report, "_charts_available", lambda: False)
+    assert _report.write_html(report, tmp_path / "plain.html") is False
+    plain = (tmp_path / "plain.html").read_text()
+    assert "veritas-resilience[report]" in plain and "<svg" not in plain
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert _report.write_html(report, tmp_path / "chart.html") is True
+    assert (tmp_path / "chart.html").read_text().count("<svg") == 1

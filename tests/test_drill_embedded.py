@@ -32,7 +32,12 @@ def test_default_drill_runs_every_scenario_and_loses_nothing(
         assert (scenario["lost"], scenario["unexpected"]) == (0, 0), scenario["set_checks"]
         assert scenario["writes_ok"] > 0
     html = report.read_text()
-    assert html.count("<svg") == len(names)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # without the report extra: tables, and how to get the charts
+        assert "veritas-resilience[report]" in html
+    else:
+        assert html.count("<svg") == len(names)
     failed = {
         s["name"]: [h for h in s["hypotheses"] if not h["held"]]
         for s in data["scenarios"]
