@@ -111,6 +111,7 @@ class _LiveProgress:
         )
 
     def _render(self, workload: Workload | None) -> Table:
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table.grid(padding=(0, 2))
@@ -124,7 +125,7 @@ class _LiveProgress:
                 ok = sum(op.kind == "write" and op.outcome == "ok" for op in ops)
                 errors = Counter(op.error for op in ops if op.outcome != "ok")
                 stale = sum(op.fallback for op in ops)
-                err = ", ".join(f"{e} {n}" for e, n in errors.most_common(2)) or "0"
+                err = escape(", ".join(f"{e} {n}" for e, n in errors.most_common(2)) or "0")
                 table.add_row(
                     f"  {store.name}",
                     f"writes ok/s [green]{ok}[/]  errors/s [red]{err}[/]  stale reads/s {stale}",
@@ -159,6 +160,7 @@ async def _run(args: argparse.Namespace, console: Console) -> DrillReport:
 def run(args: argparse.Namespace) -> int:
     """Run the drill; return the exit status (0 pass, 1 a scenario failed, 2 cannot run)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from ._report import render_table, to_json, write_html
 
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = anyio.run(_run, args, console)
     except DrillError as exc:
-        console.print(f"[bold red]cannot run the drill:[/] {exc}", markup=True, highlight=False)
+        console.print(f"[bold red]cannot run the drill:[/] {escape(str(exc))}", highlight=False)
         return EXIT_CANNOT_RUN
     except KeyboardInterrupt:
         return 130
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.html)
         charts = write_html(report, path)
         note = "" if charts else " (no charts: pip install 'veritas-resilience[report]')"
-        console.print(f"HTML report: {path.resolve()}{note}")
+        console.print(f"HTML report: {path.resolve()}{note}", markup=False, highlight=False)
     if args.json:
         sys.stdout.write(to_json(report) + "\n")
     return 0 if report.passed else EXIT_FAILED

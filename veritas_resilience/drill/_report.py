@@ -36,6 +36,7 @@ def _errors(result: ScenarioResult, limit: int = 3) -> str:
 
 def summary_table(report: DrillReport) -> Table:
     """The final table, as a rich ``Table``."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="veritas-resilience drill", title_justify="left")
@@ -67,7 +68,7 @@ def summary_table(report: DrillReport) -> Table:
             f"[red]{r.unexpected}[/]" if r.unexpected else "0",
             str(r.indeterminate),
             str(r.fallback_served),
-            _errors(r),
+            escape(_errors(r)),
         )
     return table
 
