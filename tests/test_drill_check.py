@@ -191,3 +191,20 @@ def test_html_report_says_how_to_get_charts_without_matplotlib(
     pytest.importorskip("matplotlib")
     assert _report.write_html(report, tmp_path / "chart.html") is True
     assert (tmp_path / "chart.html").read_text().count("<svg") == 1
+
+
+@pytest.mark.anyio
+async def test_scenarios_that_stop_servers_never_run_on_servers_the_drill_did_not_start() -> None:
+    """Without control of the servers, crash, kill and pause scenarios are skipped, not run."""
+    from veritas_resilience.drill import PostgresPrimaryCrash, RedisMasterKill, RedisMasterPause
+
+    async with memory_environment(HonestStore()) as env:
+        env.capabilities = {"pg_proxy", "disk"}  # what pointing the drill at your servers gives
+        scenarios = [PostgresPrimaryCrash(), RedisMasterKill(), RedisMasterPause()]
+        report = await Drill(env, scenarios, timings=FAST).run()
+    assert [r.skipped for r in report.results] == [
+        "needs PostgreSQL started by the drill",
+        "needs Redis started by the drill",
+        "needs Redis started by the drill",
+    ]
+    assert not report.passed  # nothing ran: nothing was shown to work
