@@ -228,6 +228,7 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience.redis._events",
     "veritas_resilience.health._registry",
     "veritas_resilience.recovery._events",
+    "veritas_resilience.chaos._inject",
 )
 """Every module of the library that declares metric families (importing them declares them all)."""
 
