@@ -153,6 +153,67 @@ async def test_call_that_swallows_the_cancellation_keeps_its_result(engine: Time
     await anyio.lowlevel.checkpoint()
 
 
+async def test_call_that_catches_the_cancellation_and_waits_again_is_cancelled_again(
+    engine: TimeoutEngine,
+) -> None:
+    """Cancellation is level-triggered on every engine: each await after expiry is cancelled."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    reached: list[str] = []
+
+    async def stubborn() -> str:
+        try:
+            await never()
+        except anyio.get_cancelled_exc_class():
+            reached.append("caught")
+            await anyio.sleep(2)
+            reached.append("slept")
+            return "late"
+        return "unreachable"
+
+    with anyio.fail_after(1.5), pytest.raises(ResilienceTimeoutError):
+        await timeout.call(stubborn)
+    assert reached == ["caught"]
+    assert timeout.expired == 1
+
+
+async def test_shielded_section_inside_the_call_finishes_before_the_timeout(
+    engine: TimeoutEngine,
+) -> None:
+    """A shielded scope inside the call is not interrupted; the next await is, on every engine."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    steps: list[str] = []
+
+    async def commit_then_wait() -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(4 * SHORT)
+            steps.append("committed")
+        await never()
+
+    with pytest.raises(ResilienceTimeoutError):
+        await timeout.call(commit_then_wait)
+    assert steps == ["committed"]
+
+
+async def test_timeout_inside_a_shielded_scope_still_expires(engine: TimeoutEngine) -> None:
+    """A shield around the timed call (bounded cleanup) does not stop the timeout's own expiry."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    with anyio.CancelScope(shield=True), pytest.raises(ResilienceTimeoutError):
+        await timeout.call(never)
+
+
+async def test_nested_timeouts_each_convert_only_their_own_expiry(engine: TimeoutEngine) -> None:
+    """An inner shorter timeout raises its own error; an outer shorter one is not the inner's."""
+    short = Timeout(SHORT, name="short", hooks=[], engine=engine)
+    long = Timeout(5, name="long", hooks=[], engine=engine)
+    with pytest.raises(ResilienceTimeoutError) as inner_first:
+        await long.call(short.call, never)
+    assert inner_first.value.name == "short"
+    with pytest.raises(ResilienceTimeoutError) as outer_first:
+        await short.call(long.call, never)
+    assert outer_first.value.name == "short"
+    assert long.expired == 0
+
+
 async def test_timeout_sees_through_anyio_scopes_inside_the_call(engine: TimeoutEngine) -> None:
     """The call's own anyio cancel scopes do not swallow the timeout's cancellation."""
     timeout = Timeout(SHORT, hooks=[], engine=engine)

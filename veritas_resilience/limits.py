@@ -122,11 +122,52 @@ else:  # pragma: no cover - Python 3.10 has no cancel counting; every expiry is 
         return 0
 
 
-# A call under a timeout on asyncio is a list, cheaper to make than an object:
-# [deadline, task, the task's cancel count on entry, state].
-_AT, _TASK, _CANCELLING, _STATE = 0, 1, 2, 3
-_ACTIVE, _DONE, _EXPIRED = 0, 1, 2
+# A call under a timeout on asyncio is a list, cheaper to make than an object: [deadline, task,
+# the task's cancel count on entry, state, the task's innermost anyio cancel scope on entry, how
+# many times our expiry cancelled the task].
+_AT, _TASK, _CANCELLING, _STATE, _OUTER, _CANCELS = 0, 1, 2, 3, 4, 5
+_ACTIVE, _DONE, _EXPIRED, _ENDED = 0, 1, 2, 3
 _Entry: TypeAlias = "list[Any]"
+
+# anyio's cancel scopes on asyncio, read to honour shielded scopes inside a call (anyio's own
+# semantics). Private to anyio: when its layout changes, shields are simply not seen.
+try:
+    from anyio._backends._asyncio import _task_states as _anyio_task_states
+
+    _anyio_states: dict[Any, Any] = _anyio_task_states.data
+    _anyio_state_of: Callable[[Any], Any] = _anyio_task_states.get
+except (ImportError, AttributeError):  # pragma: no cover
+    _anyio_states = {}
+
+    def _anyio_state_of(task: Any) -> Any:
+        return None
+
+
+_last_anyio_state: tuple[Any, Any] = (None, None)  # (task, its anyio TaskState): a one-slot cache
+
+
+def _anyio_scope(task: asyncio.Task[Any]) -> Any:
+    """The innermost anyio cancel scope ``task`` is in, or None (cheap when anyio is unused)."""
+    global _last_anyio_state
+    if not _anyio_states:
+        return None
+    last_task, state = _last_anyio_state
+    if last_task is not task:
+        state = _anyio_state_of(task)
+        if state is None:
+            return None
+        _last_anyio_state = (task, state)
+    return getattr(state, "cancel_scope", None)
+
+
+def _shielded(task: asyncio.Task[Any], outer: Any) -> bool:
+    """Whether ``task`` is in a shielded anyio scope entered inside the call (below ``outer``)."""
+    scope = _anyio_scope(task)
+    while scope is not None and scope is not outer:
+        if getattr(scope, "_shield", False):
+            return True
+        scope = getattr(scope, "_parent_scope", None)
+    return False
 
 
 class _LoopDeadlines:
@@ -188,12 +229,50 @@ class _LoopDeadlines:
                 entry[_STATE] = _EXPIRED
                 self.active -= 1
                 expired += 1
-                entry[_TASK].cancel(f"veritas timeout {self.policy.name!r} expired")
+                self.deliver(entry)
             else:
                 self.handle = self.loop.call_at(entry[_AT], self.fire)
                 break
         if expired:
             self.policy._record_expired(expired)
+
+    def deliver(self, entry: _Entry) -> None:
+        """Cancel an expired call's task again whenever it waits, until the call ends.
+
+        This is anyio's level-triggered cancellation (a cancelled scope cancels every await
+        inside it, not just the one it interrupted), so a call that catches the cancellation
+        and awaits again is cancelled again, as under ``engine="anyio"`` and on trio. As in
+        anyio, a task waiting in a shielded anyio scope entered inside the call is left alone
+        until it leaves that scope. Only expired calls pay for this.
+        """
+        if entry[_STATE] != _EXPIRED:
+            return
+        task: asyncio.Task[Any] = entry[_TASK]
+        if task.done():
+            return
+        waiter = getattr(task, "_fut_waiter", None)
+        if (
+            not (isinstance(waiter, asyncio.Future) and waiter.done())
+            and not getattr(task, "_must_cancel", False)
+            and not _shielded(task, entry[_OUTER])
+        ):
+            # As anyio does: cancel unless the task is about to wake with a result anyway.
+            task.cancel(f"veritas timeout {self.policy.name!r} expired")
+            entry[_CANCELS] += 1
+        elif isinstance(waiter, asyncio.Future) and not waiter.done():
+            # Shielded while waiting: look again once that wait ends (after the task's step).
+            waiter.add_done_callback(lambda _: self.loop.call_soon(self.deliver, entry))
+            return
+        self.loop.call_soon(self.deliver, entry)
+
+
+def _end_expired(task: asyncio.Task[Any], entry: _Entry) -> int:
+    """An expired call ended: stop re-cancelling, withdraw our cancel requests, return the rest."""
+    entry[_STATE] = _ENDED
+    left = _cancelling(task)
+    for _ in range(entry[_CANCELS]):
+        left = _uncancel(task)
+    return left
 
 
 def _trio_scope(seconds: float) -> trio.CancelScope:
@@ -403,7 +482,14 @@ class Timeout(_hooks.Instrumented):
         task = _current_task(loop)
         if task is None:
             raise RuntimeError("a Timeout must be awaited inside an asyncio task")
-        entry = [deadlines.now() + self._seconds, task, _cancelling(task), _ACTIVE]
+        entry = [
+            deadlines.now() + self._seconds,
+            task,
+            _cancelling(task),
+            _ACTIVE,
+            _anyio_scope(task),
+            0,
+        ]
         deadlines.entries.append(entry)
         deadlines.active += 1
         if deadlines.handle is None:
@@ -415,7 +501,7 @@ class Timeout(_hooks.Instrumented):
                 self._expired_with(task, entry, exc)
             raise
         if entry[_STATE]:
-            _uncancel(task)  # the call swallowed our cancellation and returned anyway
+            _end_expired(task, entry)  # the call swallowed our cancellation and returned anyway
         else:
             entry[_STATE] = _DONE
             deadlines.active -= 1
@@ -428,7 +514,8 @@ class Timeout(_hooks.Instrumented):
         As in ``asyncio.timeout``: only when no other cancellation was requested meanwhile (the
         task's cancel count is back to what it was on entry) is the CancelledError ours.
         """
-        if _uncancel(task) <= entry[_CANCELLING] and isinstance(exc, _CancelledError):
+        ours = _end_expired(task, entry) <= entry[_CANCELLING] and entry[_CANCELS] > 0
+        if ours and isinstance(exc, _CancelledError):
             raise self._timeout_error() from None
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -459,7 +546,14 @@ class Timeout(_hooks.Instrumented):
             task = _current_task(loop) if thread == _get_ident() else None
             if task is None:
                 return await call(fn, *args, **kwargs)
-            entry = [deadlines.now() + seconds, task, _cancelling(task), _ACTIVE]
+            entry = [
+                deadlines.now() + seconds,
+                task,
+                _cancelling(task),
+                _ACTIVE,
+                _anyio_scope(task),
+                0,
+            ]
             deadlines.entries.append(entry)
             deadlines.active += 1
             if deadlines.handle is None:
@@ -471,7 +565,7 @@ class Timeout(_hooks.Instrumented):
                     expired_with(task, entry, exc)
                 raise
             if entry[_STATE]:
-                _uncancel(task)
+                _end_expired(task, entry)
             else:
                 entry[_STATE] = _DONE
                 deadlines.active -= 1
