@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import sys
 import threading
 from collections.abc import (
@@ -45,7 +44,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import anyio
 
-from . import _hooks
+from . import _hooks, _validate
 from ._cache import MemoryStaleStore, StaleStore, default_key
 from ._clock import MONOTONIC, Clock
 from ._redis_store import RedisStaleStore
@@ -56,7 +55,6 @@ from .errors import ResilienceError, ServiceUnavailableError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric
 from .instrumentation.structlog import LOGGED_EVENTS, error_fields
-from .limits import _name, _require_async
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -340,9 +338,6 @@ class _Flight:
             self.event.set()
 
 
-_cache_names = itertools.count(1)
-
-
 class StaleCache(_hooks.Instrumented):
     """Remember the last good result of each call, and serve it when the source fails.
 
@@ -400,8 +395,10 @@ class StaleCache(_hooks.Instrumented):
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
-        self._name = _name(name, "cache", _cache_names)
+        self._name = _validate.name(name, "cache")
+        self._auto_named = name is None
         self._max_staleness = _seconds(max_staleness, "max_staleness")
+        _validate.clock(clock)
         self._fresh_for = _seconds(fresh_for, "fresh_for", allow_zero=True)
         if self._fresh_for > self._max_staleness:
             raise ValueError(
@@ -555,7 +552,7 @@ class StaleCache(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function: remember its results, serve them when it fails."""
-        _require_async(fn, "StaleCache")
+        _validate.require_async(fn, "StaleCache")
         cache = self
 
         @functools.wraps(fn)
@@ -612,7 +609,7 @@ class FallbackStep:
             by default.
     """
 
-    __slots__ = ("_cache", "_call", "_fn", "_handles", "_is_async", "_name")
+    __slots__ = ("_cache", "_call", "_fn", "_handles", "_is_async", "_name", "_named_by_cache")
 
     def __init__(
         self,
@@ -630,6 +627,7 @@ class FallbackStep:
         handles = _matcher(on, "on")
         assert handles is not None
         self._handles = handles
+        self._named_by_cache = name is None and self._cache is not None
         if name is None:
             name = fn.name if isinstance(fn, StaleCache) else getattr(fn, "__name__", None)
         if not isinstance(name, str) or not name:
@@ -652,9 +650,6 @@ class FallbackStep:
 
     def __repr__(self) -> str:
         return f"FallbackStep({self._name!r})"
-
-
-_chain_names = itertools.count(1)
 
 
 class FallbackChain(_hooks.Instrumented):
@@ -698,7 +693,8 @@ class FallbackChain(_hooks.Instrumented):
     ) -> None:
         if not steps:
             raise ValueError("steps: a fallback chain needs at least one fallback step")
-        self._name = _name(name, "fallback", _chain_names)
+        self._name = _validate.name(name, "fallback")
+        self._auto_named = name is None
         built = tuple(s if isinstance(s, FallbackStep) else FallbackStep(s, on=on) for s in steps)
         names = [_PRIMARY, *(s.name for s in built)]
         for step_name in names:
@@ -723,6 +719,19 @@ class FallbackChain(_hooks.Instrumented):
     def name(self) -> str:
         """The chain's name."""
         return self._name
+
+    def _adopt_name(self, name: str) -> None:
+        """Take ``name`` if auto-named, and give it to an auto-named stale cache step too."""
+        super()._adopt_name(name)
+        cache = self._cache
+        if cache is None or not cache._auto_named:
+            return
+        cache._adopt_name(name)
+        names = list(self._step_names)
+        for index, step in enumerate(self._steps, 1):
+            if step._named_by_cache and name not in names:
+                step._name = names[index] = name
+        self._step_names = tuple(names)
 
     @property
     def steps(self) -> tuple[FallbackStep, ...]:
@@ -822,7 +831,7 @@ class FallbackChain(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` primary function with the chain."""
-        _require_async(fn, "FallbackChain")
+        _validate.require_async(fn, "FallbackChain")
         ok = self._ok
         fall_back = self._fall_back
         cache = self._cache

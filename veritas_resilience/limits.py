@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
-import itertools
 import sys
 import threading
 import time
@@ -44,7 +42,7 @@ from typing import (
 
 import anyio
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import Clock, MonotonicClock
 from ._validate import Seconds
 from ._validate import positive_int as _positive_int
@@ -107,7 +105,6 @@ _get_running_loop = asyncio._get_running_loop
 _get_ident = threading.get_ident
 _current_task = asyncio.current_task
 _CancelledError = asyncio.CancelledError
-_timeout_names = itertools.count(1)
 _trio: types.ModuleType | None = None
 
 if sys.version_info >= (3, 11):
@@ -134,7 +131,7 @@ _Entry: TypeAlias = "list[Any]"
 try:
     from anyio._backends._asyncio import _task_states as _anyio_task_states
 
-    _anyio_states: dict[Any, Any] = _anyio_task_states.data
+    _anyio_states: dict[Any, Any] = _anyio_task_states.data  # type: ignore[attr-defined]
     _anyio_state_of: Callable[[Any], Any] = _anyio_task_states.get
 except (ImportError, AttributeError):  # pragma: no cover
     _anyio_states = {}
@@ -360,7 +357,8 @@ class Timeout(_hooks.Instrumented):
         hooks: Sequence[Hook] | None = None,
     ) -> None:
         self._seconds = _seconds(seconds, "seconds")
-        self._name = _name(name, "timeout", _timeout_names)
+        self._name = _validate.name(name, "timeout")
+        self._auto_named = name is None
         if engine not in ("auto", "anyio"):
             raise ValueError(f"engine must be 'auto' or 'anyio', got {engine!r}")
         self._clock: SchedulingClock | None = None
@@ -520,7 +518,7 @@ class Timeout(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs under the timeout."""
-        _require_async(fn, "Timeout")
+        _validate.require_async(fn, "Timeout")
         policy = self
         seconds = self._seconds
         call = self.call
@@ -585,8 +583,6 @@ class Timeout(_hooks.Instrumented):
 
 # -- bulkhead -----------------------------------------------------------------------------------
 
-_bulkhead_names = itertools.count(1)
-
 
 class Bulkhead(_hooks.Instrumented):
     """Let at most ``max_concurrent`` calls run at once; queue a few more, reject the rest fast.
@@ -637,7 +633,8 @@ class Bulkhead(_hooks.Instrumented):
         self._queue_timeout = (
             None if queue_timeout is None else _seconds(queue_timeout, "queue_timeout")
         )
-        self._name = _name(name, "bulkhead", _bulkhead_names)
+        self._name = _validate.name(name, "bulkhead")
+        self._auto_named = name is None
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         self._n_rejected = 0
@@ -737,7 +734,7 @@ class Bulkhead(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs in a slot of the bulkhead."""
-        _require_async(fn, "Bulkhead")
+        _validate.require_async(fn, "Bulkhead")
         bulkhead = self
         wait_for_slot, release = self._wait_for_slot, self._release
 
@@ -758,25 +755,3 @@ class Bulkhead(_hooks.Instrumented):
     def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
         yield "veritas_bulkhead_rejected", (self._name,), float(self._n_rejected)
         yield "veritas_bulkhead_in_use", (self._name,), float(self._in_use)
-
-
-# -- helpers shared by the policy modules --------------------------------------------------------
-
-
-def _name(name: str | None, kind: str, counter: Iterator[int]) -> str:
-    if name is None:
-        return f"{kind}-{next(counter)}"
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    return name
-
-
-def _require_async(fn: Callable[..., Any], policy: str) -> None:
-    if not (
-        inspect.iscoroutinefunction(fn)
-        or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
-    ):
-        raise TypeError(
-            f"{policy} decorates async functions (async def); got {fn!r}. "
-            "Wrap sync code with anyio.to_thread.run_sync in an async function first."
-        )

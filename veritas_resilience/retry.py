@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import math
 import sys
 import threading
@@ -41,7 +40,7 @@ from tenacity import retry_if_exception as _retry_if_exception
 from tenacity.stop import stop_after_attempt, stop_base, stop_before_delay
 from tenacity.wait import wait_base, wait_exponential_jitter, wait_none
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import MONOTONIC, Clock
 from ._validate import ExceptionMatcher, Seconds
 from ._validate import matcher as _matcher
@@ -51,7 +50,6 @@ from .errors import CircuitOpenError, RetryBudgetExhaustedError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric
 from .instrumentation.structlog import LOGGED_EVENTS, error_fields
-from .limits import _name, _require_async
 
 __all__ = [
     "Retry",
@@ -233,8 +231,6 @@ def is_testing() -> bool:
 
 # -- budget -------------------------------------------------------------------------------------
 
-_budget_names = itertools.count(1)
-
 
 class RetryBudget(_hooks.Instrumented):
     """A token bucket of retries shared by every caller of one dependency.
@@ -270,10 +266,10 @@ class RetryBudget(_hooks.Instrumented):
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
-        self._name = _name(name, "retry-budget", _budget_names)
+        self._name = _validate.name(name, "retry-budget")
         self._capacity = _number(capacity, "capacity", allow_zero=False)
         self._rate = _number(refill_rate, "refill_rate", allow_zero=True)
-        self._now = clock.monotonic
+        self._now = _validate.clock(clock).monotonic
         self._tokens = self._capacity
         self._updated = self._now()
         self._n_exhausted = 0
@@ -332,7 +328,6 @@ class RetryBudget(_hooks.Instrumented):
 
 # -- retry policy -------------------------------------------------------------------------------
 
-_retry_names = itertools.count(1)
 _has_multiplier = "multiplier" in inspect.signature(wait_exponential_jitter).parameters
 
 
@@ -402,7 +397,8 @@ class Retry(_hooks.Instrumented):
         matcher = _matcher(on, "on")
         assert matcher is not None
         self._on = matcher
-        self._name = _name(name, "retry", _retry_names)
+        self._name = _validate.name(name, "retry")
+        self._auto_named = name is None
         self._attempts = _positive_int(attempts, "attempts")
         self._timeout = None if timeout is None else _seconds(timeout, "timeout")
         initial = _seconds(wait_initial, "wait_initial", allow_zero=True)
@@ -428,7 +424,7 @@ class Retry(_hooks.Instrumented):
                 stop = stop | stop_before_delay(self._timeout)
         self._stop = stop
         self._budget = budget
-        self._clock = clock
+        self._clock = _validate.clock(clock, sleeps=True)
         self._now = clock.monotonic
         self._retry_if = _retry_if_exception(self._should_retry)
         self._n = dict.fromkeys(_OUTCOMES[1:], 0)  # "success" is _n_success, on the hot path
@@ -591,7 +587,7 @@ class Retry(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call is retried as configured."""
-        _require_async(fn, "Retry")
+        _validate.require_async(fn, "Retry")
         policy = self
         after_failure = self._after_failure
 
