@@ -51,7 +51,7 @@ from ._redis_store import RedisStaleStore
 from ._validate import ExceptionMatcher, Seconds
 from ._validate import matcher as _matcher
 from ._validate import seconds as _seconds
-from .errors import ResilienceError, ServiceUnavailableError
+from .errors import ResilienceError, ServiceUnavailableError, public_type_name
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric
 from .instrumentation.structlog import LOGGED_EVENTS, error_fields
@@ -149,7 +149,7 @@ class FallbackServed(Event):
             "chain": self.name,
             "step": self.step,
             "index": self.index,
-            "error_type": type(self.error).__name__,
+            "error_type": public_type_name(self.error),
         }
         if self.age is not None:
             fields["stale_age"] = round(self.age, 3)
@@ -177,7 +177,7 @@ class FallbackExhausted(Event):
             {
                 "chain": self.name,
                 "steps": list(self.steps),
-                "error_types": [type(e).__name__ for e in self.errors],
+                "error_types": [public_type_name(e) for e in self.errors],
             },
         )
 
@@ -203,7 +203,7 @@ class StaleValueServed(Event):
             {
                 "cache": self.name,
                 "age": round(self.age, 3),
-                "error_type": type(self.error).__name__,
+                "error_type": public_type_name(self.error),
             },
         )
 

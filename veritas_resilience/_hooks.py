@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import structlog
 
 from . import _validate
+from .errors import public_type_name
 from .events import Event, Hook, wanted_event_types
 
 __all__ = [
@@ -78,7 +79,7 @@ class HookSet:
                     "hook_disabled",
                     hook=repr(hook),
                     event_type=type(event).__name__,
-                    error_type=type(exc).__name__,
+                    error_type=public_type_name(exc),
                     error=str(exc),
                 )
 

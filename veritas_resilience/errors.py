@@ -37,6 +37,18 @@ class ResilienceError(Exception):
     """Root of every error raised by veritas-resilience."""
 
 
+def public_type_name(error: BaseException) -> str:
+    """The name of ``error``'s class, or of its nearest public base when the class is private.
+
+    Logs, events and messages name error types with it, so an internal class (``_NotSent``)
+    never shows up where users and operators read: they see the type they can catch.
+    """
+    for cls in type(error).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return "BaseException"  # pragma: no cover - BaseException itself is public
+
+
 class CircuitOpenError(ResilienceError):
     """A circuit breaker rejected the call without running it.
 
@@ -89,7 +101,7 @@ class ServiceUnavailableError(ResilienceError):
 
     def __str__(self) -> str:
         causes = "; ".join(
-            f"{step}: {type(err).__name__}: {err}" for step, err in zip(self.steps, self.errors)
+            f"{step}: {public_type_name(err)}: {err}" for step, err in zip(self.steps, self.errors)
         )
         return f"service {self.name!r} is temporarily unavailable ({causes or 'no step ran'})"
 

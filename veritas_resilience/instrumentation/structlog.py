@@ -7,6 +7,7 @@ from typing import Any
 import structlog
 
 from .._redact import redact
+from ..errors import public_type_name
 from ..events import (
     BreakerCallFailed,
     BreakerStateChanged,
@@ -24,7 +25,7 @@ def error_fields(error: BaseException | None) -> dict[str, str]:
     """Describe an exception for a log line: its type and its message with secrets redacted."""
     if error is None:
         return {}
-    return {"error_type": type(error).__name__, "error": redact(str(error))}
+    return {"error_type": public_type_name(error), "error": redact(str(error))}
 
 
 class StructlogHook:
