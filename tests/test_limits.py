@@ -9,6 +9,7 @@ of a false pass, only slow.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from datetime import timedelta
 from typing import Any
@@ -556,6 +557,34 @@ async def test_waiter_cancelled_just_after_being_handed_a_slot_passes_it_on() ->
                 waiter_scope.cancel()  # ...which is cancelled before or while it runs
     assert done == ["last"]
     assert (bulkhead.in_use, bulkhead.queued) == (0, 0)
+
+
+def test_bulkhead_drops_the_calls_of_an_event_loop_that_closed_under_them() -> None:
+    """A loop closed with a call in the slot and one queued: the next asyncio.run is served."""
+    bulkhead = Bulkhead(1, max_queue=5, hooks=[])
+    pending: list[asyncio.Task[None]] = []
+
+    async def hold() -> None:
+        await asyncio.sleep(3600)
+
+    async def fill() -> None:
+        pending.extend(asyncio.create_task(bulkhead.call(hold)) for _ in range(2))
+        await asyncio.sleep(0.01)
+        assert (bulkhead.in_use, bulkhead.queued) == (1, 1)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(fill())
+    loop.close()  # without cancelling the pending calls
+
+    async def later() -> list[int]:
+        with anyio.fail_after(5):  # hung forever on the dead waiter before
+            return [await bulkhead.call(double, i) for i in range(3)]
+
+    assert asyncio.run(later()) == [0, 2, 4]
+    assert (bulkhead.in_use, bulkhead.queued) == (0, 0)
+    pending.clear()
+    gc.collect()  # the dead calls' cleanup gives back nothing twice
+    assert bulkhead.in_use == 0
 
 
 def test_bulkhead_rejects_bad_configuration() -> None:

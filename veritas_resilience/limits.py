@@ -44,6 +44,7 @@ import anyio
 
 from . import _hooks, _validate
 from ._clock import Clock, MonotonicClock
+from ._loop import LoopTracker, is_closed
 from ._validate import Seconds
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
@@ -601,7 +602,9 @@ class Bulkhead(_hooks.Instrumented):
     when the call ends in any way, cancellation included, and a queued call that is cancelled
     leaves the queue (or passes on the slot it was just handed).
 
-    A bulkhead belongs to one event loop (asyncio or trio); its counters are not locked.
+    A bulkhead serves one event loop at a time (asyncio or trio); its counters are not locked.
+    Used by several loops in turn, it notices when the loop its queue or its full slots belong to
+    has closed with calls pending, and drops that dead state instead of waiting on it.
 
     Args:
         max_concurrent: Calls (>= 1) allowed to run at once.
@@ -638,6 +641,10 @@ class Bulkhead(_hooks.Instrumented):
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         self._n_rejected = 0
+        # The asyncio loop that last filled the bulkhead or queued on it (None: none, or trio).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loops = LoopTracker()
+        self._epoch = 0  # bumped when a closed loop's slots are dropped; their release is void
         self._init_hooks(hooks)
 
     @property
@@ -684,10 +691,27 @@ class Bulkhead(_hooks.Instrumented):
             )
         return BulkheadFullError(self._name, self._max)
 
+    def _note_full(self) -> None:
+        """The bulkhead just filled up: remember in which loop (cheap; only when it fills)."""
+        self._loop = self._loops.current()
+
     async def _wait_for_slot(self) -> None:
         """Queue for a slot; return owning one, or raise BulkheadFullError."""
+        loop = self._loops.current()
+        if loop is not self._loop:
+            if is_closed(self._loop):
+                # The loop that filled the bulkhead or queued on it closed with those calls
+                # pending: they will never give their slots back nor take them.
+                self._in_use = 0
+                self._waiters.clear()
+                self._epoch += 1
+            self._loop = loop
+        if self._in_use < self._max and not self._waiters:
+            self._in_use += 1
+            return
         if len(self._waiters) >= self._max_queue:
             raise self._reject()
+        epoch = self._epoch
         waiter = anyio.Event()
         self._waiters.append(waiter)
         try:
@@ -700,21 +724,32 @@ class Bulkhead(_hooks.Instrumented):
             # Cancelled while queued. If a releaser handed us its slot in the meantime, pass it
             # on; otherwise just leave the queue.
             if waiter.is_set():
-                self._release()
+                self._release(epoch)
             else:
-                self._waiters.remove(waiter)
+                self._leave(waiter)
             raise
         if not waiter.is_set():
-            self._waiters.remove(waiter)
+            self._leave(waiter)
             raise self._reject()
         # The releaser kept _in_use as it was: its slot is now ours.
 
-    def _release(self) -> None:
+    def _leave(self, waiter: anyio.Event) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:  # dropped with the state of a closed loop
+            pass
+
+    def _release(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            return  # a slot of a closed loop's call, already dropped
         waiters = self._waiters
-        if waiters:
-            waiters.popleft().set()
-        else:
-            self._in_use -= 1
+        while waiters:
+            try:
+                waiters.popleft().set()
+            except RuntimeError:  # a waiter of a loop that has closed: hand the slot on
+                continue
+            return
+        self._in_use -= 1
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` in a slot of the bulkhead.
@@ -725,29 +760,35 @@ class Bulkhead(_hooks.Instrumented):
         """
         if self._in_use < self._max and not self._waiters:
             self._in_use += 1
+            if self._in_use == self._max:
+                self._note_full()
         else:
             await self._wait_for_slot()
+        epoch = self._epoch
         try:
             return await fn(*args, **kwargs)
         finally:
-            self._release()
+            self._release(epoch)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs in a slot of the bulkhead."""
         _validate.require_async(fn, "Bulkhead")
         bulkhead = self
-        wait_for_slot, release = self._wait_for_slot, self._release
+        wait_for_slot, release, note_full = self._wait_for_slot, self._release, self._note_full
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             if bulkhead._in_use < bulkhead._max and not bulkhead._waiters:
                 bulkhead._in_use += 1
+                if bulkhead._in_use == bulkhead._max:
+                    note_full()
             else:
                 await wait_for_slot()
+            epoch = bulkhead._epoch
             try:
                 return await fn(*args, **kwargs)
             finally:
-                release()
+                release(epoch)
 
         wrapper.bulkhead = self  # type: ignore[attr-defined]
         return wrapper
