@@ -29,6 +29,7 @@ from ._fallback import FallbackUse as FallbackUse
 from ._fallback import StaleCache as StaleCache
 from ._fallback import StaleStoreFailed as StaleStoreFailed
 from ._fallback import StaleValueServed as StaleValueServed
+from ._fallback import StaleWritesDropped as StaleWritesDropped
 from ._fallback import fallback as fallback
 from ._fallback import track_fallbacks as track_fallbacks
 from ._hooks import get_hooks as get_hooks
@@ -119,6 +120,7 @@ __all__ = [
     "StaleStore",
     "StaleStoreFailed",
     "StaleValueServed",
+    "StaleWritesDropped",
     "StructlogHook",
     "Timeout",
     "TimeoutExpired",
