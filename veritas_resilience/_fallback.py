@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import anyio
 
@@ -57,10 +57,16 @@ from ._validate import matcher as _matcher
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .circuit_breaker import CircuitBreaker
-from .errors import CircuitOpenError, ResilienceError, ServiceUnavailableError, public_type_name
-from .events import Event, Hook
+from .errors import CacheMissError, CircuitOpenError, ServiceUnavailableError
+from .events import (
+    FallbackExhausted,
+    FallbackServed,
+    Hook,
+    StaleStoreFailed,
+    StaleValueServed,
+    StaleWritesDropped,
+)
 from .instrumentation.prometheus import HistogramValue, define_metric
-from .instrumentation.structlog import LOGGED_EVENTS, error_fields
 from .limits import Timeout
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -123,161 +129,7 @@ _CACHE_OUTCOMES = (
 StoreWrites = Literal["background", "await"]
 
 
-class CacheMissError(ResilienceError):
-    """A stale cache had no value for the call, or only one older than its ``max_staleness``.
-
-    Attributes:
-        name: The cache's name.
-        reason: ``"missing"`` or ``"expired"``.
-        age: The age in seconds of the value that was too old, else None.
-    """
-
-    def __init__(self, name: str, reason: str, age: float | None = None) -> None:
-        super().__init__(name, reason, age)
-        self.name = name
-        self.reason = reason
-        self.age = age
-
-    def __str__(self) -> str:
-        if self.age is None:
-            return f"stale cache {self.name!r} has no value for this call"
-        return f"stale cache {self.name!r} has only a value {self.age:.3f}s old ({self.reason})"
-
-
 # -- events -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FallbackServed(Event):
-    """A fallback step (not the primary) served the result of a call.
-
-    Attributes:
-        step: The step's name.
-        index: Its position in the chain (1 for the first fallback; the primary is 0).
-        error: The error that reached this step (the previous step's).
-        age: For a stale cache step, the age in seconds of the value served; else None.
-    """
-
-    kind: ClassVar[str] = "fallback"
-    step: str
-    index: int
-    error: BaseException
-    age: float | None = None
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """An info line: the call was served degraded (never with the call's arguments)."""
-        fields: dict[str, Any] = {
-            "chain": self.name,
-            "step": self.step,
-            "index": self.index,
-            "error_type": public_type_name(self.error),
-        }
-        if self.age is not None:
-            fields["stale_age"] = round(self.age, 3)
-        return "info", "fallback_served", fields
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FallbackExhausted(Event):
-    """Every step of a chain that ran failed; ServiceUnavailableError is raised.
-
-    Attributes:
-        steps: The names of the steps that ran, in order.
-        errors: Their errors, in the same order.
-    """
-
-    kind: ClassVar[str] = "fallback"
-    steps: tuple[str, ...]
-    errors: tuple[BaseException, ...]
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """An error line naming the steps and their error types."""
-        return (
-            "error",
-            "fallback_exhausted",
-            {
-                "chain": self.name,
-                "steps": list(self.steps),
-                "error_types": [public_type_name(e) for e in self.errors],
-            },
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StaleValueServed(Event):
-    """A stale cache used as a decorator served a stored value after the call failed.
-
-    Attributes:
-        age: The value's age in seconds.
-        error: The call's error.
-    """
-
-    kind: ClassVar[str] = "stale_cache"
-    age: float
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """An info line: a stale value was served."""
-        return (
-            "info",
-            "stale_value_served",
-            {
-                "cache": self.name,
-                "age": round(self.age, 3),
-                "error_type": public_type_name(self.error),
-            },
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StaleStoreFailed(Event):
-    """A stale cache's store failed to read or write (the call itself is not affected by writes).
-
-    Attributes:
-        operation: ``"get"`` or ``"set"``.
-        error: The store's exception.
-    """
-
-    kind: ClassVar[str] = "stale_cache"
-    operation: str
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning line with the store's error (secrets redacted)."""
-        return (
-            "warning",
-            "stale_store_failed",
-            {"cache": self.name, "operation": self.operation, **error_fields(self.error)},
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StaleWritesDropped(Event):
-    """A stale cache dropped writes to its store: too many were pending (the store is slow).
-
-    Reported at most once a second while it lasts; ``veritas_stale_cache_total`` counts every one.
-
-    Attributes:
-        dropped: Writes dropped since the last report.
-        pending: Writes pending when the last one was dropped (the ``max_pending_writes`` limit).
-    """
-
-    kind: ClassVar[str] = "stale_cache"
-    dropped: int
-    pending: int
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning: values were not remembered, so fewer stale answers will be possible."""
-        return (
-            "warning",
-            "stale_writes_dropped",
-            {"cache": self.name, "dropped": self.dropped, "pending": self.pending},
-        )
-
-
-LOGGED_EVENTS.update(
-    {FallbackServed, FallbackExhausted, StaleValueServed, StaleStoreFailed, StaleWritesDropped}
-)
 
 
 # -- provenance ---------------------------------------------------------------------------------

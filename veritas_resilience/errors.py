@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 __all__ = [
     "BulkheadFullError",
+    "CacheMissError",
     "CircuitOpenError",
     "ResilienceError",
     "ResilienceTimeoutError",
@@ -104,6 +105,27 @@ class ServiceUnavailableError(ResilienceError):
             f"{step}: {public_type_name(err)}: {err}" for step, err in zip(self.steps, self.errors)
         )
         return f"service {self.name!r} is temporarily unavailable ({causes or 'no step ran'})"
+
+
+class CacheMissError(ResilienceError):
+    """A stale cache had no value for the call, or only one older than its ``max_staleness``.
+
+    Attributes:
+        name: The cache's name.
+        reason: ``"missing"`` or ``"expired"``.
+        age: The age in seconds of the value that was too old, else None.
+    """
+
+    def __init__(self, name: str, reason: str, age: float | None = None) -> None:
+        super().__init__(name, reason, age)
+        self.name = name
+        self.reason = reason
+        self.age = age
+
+    def __str__(self) -> str:
+        if self.age is None:
+            return f"stale cache {self.name!r} has no value for this call"
+        return f"stale cache {self.name!r} has only a value {self.age:.3f}s old ({self.reason})"
 
 
 class RetryBudgetExhaustedError(ResilienceError):

@@ -27,11 +27,9 @@ import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    ClassVar,
     Literal,
     ParamSpec,
     Protocol,
@@ -49,7 +47,7 @@ from ._validate import Seconds
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .errors import BulkheadFullError, ResilienceTimeoutError
-from .events import Event, Hook
+from .events import BulkheadRejected, Hook, TimeoutExpired
 from .instrumentation.prometheus import HistogramValue, define_metric
 
 if TYPE_CHECKING:
@@ -72,32 +70,6 @@ define_metric(
 define_metric(
     "veritas_bulkhead_in_use", "gauge", "Slots of a bulkhead taken by running calls.", ("name",)
 )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TimeoutExpired(Event):
-    """A timeout policy gave up on a call.
-
-    Attributes:
-        timeout: The limit, in seconds.
-    """
-
-    kind: ClassVar[str] = "timeout"
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BulkheadRejected(Event):
-    """A bulkhead rejected a call: no free slot and no room in its queue, or the wait timed out.
-
-    Attributes:
-        max_concurrent: The bulkhead's concurrency limit.
-        queued: Calls waiting for a slot when this one was rejected.
-    """
-
-    kind: ClassVar[str] = "bulkhead"
-    max_concurrent: int
-    queued: int
 
 
 # -- timeout ------------------------------------------------------------------------------------

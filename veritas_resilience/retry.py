@@ -32,7 +32,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio.lowlevel
 from tenacity import AsyncRetrying, DoAttempt, DoSleep, RetryCallState
@@ -47,14 +47,13 @@ from ._validate import matcher as _matcher
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .errors import CircuitOpenError, RetryBudgetExhaustedError
-from .events import Event, Hook
+from .events import Hook, RetryBudgetDenied, RetryExhausted, RetryScheduled
 from .instrumentation.prometheus import HistogramValue, define_metric
-from .instrumentation.structlog import LOGGED_EVENTS, error_fields
 
 __all__ = [
     "Retry",
     "RetryBudget",
-    "RetryBudgetExhausted",
+    "RetryBudgetDenied",
     "RetryExhausted",
     "RetryScheduled",
     "is_testing",
@@ -82,83 +81,6 @@ define_metric(
 
 
 # -- events -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryScheduled(Event):
-    """An attempt failed with a retryable error; the next one starts after ``wait`` seconds.
-
-    Attributes:
-        attempt: The number of the attempt that failed (1 for the first).
-        wait: Seconds until the next attempt.
-        error: The attempt's exception.
-    """
-
-    kind: ClassVar[str] = "retry"
-    attempt: int
-    wait: float
-    error: BaseException
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryExhausted(Event):
-    """The last attempt failed and no attempt or time is left; its error is raised.
-
-    Attributes:
-        attempts: How many attempts were made.
-        elapsed: Seconds from the first failure to the last.
-        error: The last attempt's exception.
-    """
-
-    kind: ClassVar[str] = "retry"
-    attempts: int
-    elapsed: float
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning: the call failed after every retry."""
-        return (
-            "warning",
-            "retries_exhausted",
-            {
-                "retry": self.name,
-                "attempts": self.attempts,
-                "elapsed": round(self.elapsed, 6),
-                **error_fields(self.error),
-            },
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryBudgetExhausted(Event):
-    """A retry was wanted but the shared budget had no token left.
-
-    Attributes:
-        budget: The budget's name (``name`` is the retry policy's).
-        attempts: Attempts made before the budget stopped the call.
-        error: The last attempt's exception (the cause of the raised error).
-    """
-
-    kind: ClassVar[str] = "retry"
-    budget: str
-    attempts: int
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning: retries are being shed."""
-        return (
-            "warning",
-            "retry_budget_exhausted",
-            {
-                "retry": self.name,
-                "budget": self.budget,
-                "attempts": self.attempts,
-                **error_fields(self.error),
-            },
-        )
-
-
-LOGGED_EVENTS.update({RetryExhausted, RetryBudgetExhausted})
 
 
 # -- testing switch -----------------------------------------------------------------------------
@@ -247,8 +169,8 @@ class RetryBudget(_hooks.Instrumented):
 
     Args:
         name: Used in errors, events and metric labels; ``retry-budget-N`` by default.
-        capacity: The most tokens (> 0) the bucket holds, which is also how it starts: the
-            largest burst of retries allowed.
+        capacity: The most tokens (>= 1; each retry takes one) the bucket holds, which is also
+            how it starts: the largest burst of retries allowed.
         refill_rate: Tokens (>= 0) added per second of the clock; 0 makes a fixed allowance.
         clock: Time source; :class:`~veritas_resilience.testing.FakeClock` in tests.
         hooks: Hooks for this budget only (it exports its metrics through them).
@@ -268,6 +190,11 @@ class RetryBudget(_hooks.Instrumented):
     ) -> None:
         self._name = _validate.name(name, "retry-budget")
         self._capacity = _number(capacity, "capacity", allow_zero=False)
+        if self._capacity < 1:
+            # A retry takes a whole token: a smaller bucket could never grant one.
+            raise ValueError(
+                f"capacity must be a number >= 1 (each retry takes one token), got {capacity!r}"
+            )
         self._rate = _number(refill_rate, "refill_rate", allow_zero=True)
         self._now = _validate.clock(clock).monotonic
         self._tokens = self._capacity
@@ -462,7 +389,7 @@ class Retry(_hooks.Instrumented):
         hooks = self._hookset
         self._w_scheduled = hooks.wants(RetryScheduled)
         self._w_exhausted = hooks.wants(RetryExhausted)
-        self._w_budget = hooks.wants(RetryBudgetExhausted)
+        self._w_budget = hooks.wants(RetryBudgetDenied)
 
     def _should_retry(self, exc: BaseException) -> bool:
         # An open breaker is always a candidate; whether to wait for it is decided against the
@@ -528,7 +455,7 @@ class Retry(_hooks.Instrumented):
                     counts["budget_exhausted"] += 1
                     if self._w_budget:
                         self._emit(
-                            RetryBudgetExhausted(
+                            RetryBudgetDenied(
                                 name=self._name,
                                 budget=budget.name,
                                 attempts=state.attempt_number,

@@ -6,26 +6,35 @@ from typing import Any
 
 import structlog
 
-from .._redact import redact
-from ..errors import public_type_name
 from ..events import (
     BreakerCallFailed,
     BreakerStateChanged,
     CircuitState,
     Event,
+    FallbackExhausted,
+    FallbackServed,
+    RetryBudgetDenied,
+    RetryExhausted,
+    StaleStoreFailed,
+    StaleValueServed,
+    StaleWritesDropped,
 )
+from ..events import _error_fields as error_fields
 
-__all__ = ["StructlogHook", "LOGGED_EVENTS"]
+__all__ = ["StructlogHook", "LOGGED_EVENTS", "error_fields"]
 
-LOGGED_EVENTS: set[type[Event]] = {BreakerStateChanged, BreakerCallFailed}
-"""Event types the structlog hook logs; other modules add theirs when they are imported."""
-
-
-def error_fields(error: BaseException | None) -> dict[str, str]:
-    """Describe an exception for a log line: its type and its message with secrets redacted."""
-    if error is None:
-        return {}
-    return {"error_type": public_type_name(error), "error": redact(str(error))}
+LOGGED_EVENTS: set[type[Event]] = {
+    BreakerStateChanged,
+    BreakerCallFailed,
+    FallbackServed,
+    FallbackExhausted,
+    StaleValueServed,
+    StaleStoreFailed,
+    StaleWritesDropped,
+    RetryExhausted,
+    RetryBudgetDenied,
+}
+"""Event types the structlog hook logs; the integrations add theirs when they are imported."""
 
 
 class StructlogHook:
