@@ -1,14 +1,18 @@
 """The ``veritas-resilience`` command (also ``python -m veritas_resilience``).
 
-Subcommands:
+Subcommands (``veritas-resilience COMMAND --help`` describes each):
 
 - ``demo``: a breaker in front of a dependency that fails and then recovers. It prints every state
   change as it happens, then the Prometheus exposition of the breaker's metrics.
+
+The parser is built by ``_parser()``: add a subcommand there with its own plain-text help (the
+module docstring is for readers of the code, not shown by ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -78,14 +82,43 @@ async def _demo(backend_name: str) -> None:
     print(generate_latest(registry).decode())
 
 
+_DESCRIPTION = "Resilience tools for Python services: circuit breakers, fallbacks, retries."
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="veritas-resilience", description=_DESCRIPTION)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="a breaker opening, half-opening and closing",
+        description="Run a circuit breaker in front of a dependency that fails for a second and "
+        "then recovers; print each state change, then the Prometheus metrics.",
+    )
+    demo.add_argument(
+        "--backend",
+        choices=["asyncio", "trio"],
+        default="asyncio",
+        help="the event loop to run on (trio needs the 'trio' extra; default: asyncio)",
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = argparse.ArgumentParser(prog="veritas-resilience", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a breaker opening, half-opening and closing")
-    demo.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+            parser.exit(
+                2,
+                "veritas-resilience: --backend trio needs trio, which is not installed; "
+                "install it with: pip install 'veritas-resilience[trio]'\n",
+            )
         anyio.run(_demo, args.backend, backend=args.backend)
     return 0
 
