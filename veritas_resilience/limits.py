@@ -517,12 +517,13 @@ class Timeout(_hooks.Instrumented):
             task = _current_task(loop) if thread == _get_ident() else None
             if task is None:
                 return await call(fn, *args, **kwargs)
+            known = _last_anyio_state  # _anyio_scope(task), inlined for the usual case
             entry = [
                 deadlines.now() + seconds,
                 task,
                 _cancelling(task),
                 _ACTIVE,
-                _anyio_scope(task),
+                known[1].cancel_scope if known[0] is task else _anyio_scope(task),
                 0,
             ]
             deadlines.entries.append(entry)
