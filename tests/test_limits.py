@@ -587,6 +587,29 @@ def test_bulkhead_drops_the_calls_of_an_event_loop_that_closed_under_them() -> N
     assert bulkhead.in_use == 0
 
 
+def test_timeout_serves_a_new_loop_after_one_closed_with_a_call_pending() -> None:
+    """The shared timer of a loop closed mid-call is forgotten; the next loop's calls expire."""
+    timeout = Timeout(SHORT, hooks=[])
+    pending: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        pending.append(asyncio.create_task(timeout.call(asyncio.sleep, 3600)))
+        await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
+    loop.close()
+
+    async def later() -> None:
+        assert await timeout.call(double, 2) == 4
+        with anyio.fail_after(5), pytest.raises(ResilienceTimeoutError):
+            await timeout.call(never)
+
+    asyncio.run(later())
+    assert len(timeout._per_loop) == 1
+    pending.clear()
+
+
 def test_bulkhead_rejects_bad_configuration() -> None:
     """Bad settings raise at construction, naming the parameter."""
     with pytest.raises(ValueError, match="max_concurrent"):
