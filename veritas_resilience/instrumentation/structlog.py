@@ -18,10 +18,13 @@ from ..events import (
     StaleStoreFailed,
     StaleValueServed,
     StaleWritesDropped,
+    _error_fields,
 )
-from ..events import _error_fields as error_fields
 
-__all__ = ["StructlogHook", "LOGGED_EVENTS", "error_fields"]
+__all__ = ["StructlogHook", "LOGGED_EVENTS"]
+
+error_fields = _error_fields
+"""Describe an exception for a log line (``error_type``, redacted ``error``); for event modules."""
 
 LOGGED_EVENTS: set[type[Event]] = {
     BreakerStateChanged,
