@@ -177,6 +177,29 @@ async def test_call_that_catches_the_cancellation_and_waits_again_is_cancelled_a
     assert timeout.expired == 1
 
 
+async def test_each_await_after_expiry_is_cancelled_and_none_is_left_pending(
+    engine: TimeoutEngine,
+) -> None:
+    """A call that swallows three re-cancellations and returns keeps its value; nothing leaks."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    caught = 0
+
+    async def very_stubborn() -> str:
+        nonlocal caught
+        for _ in range(3):
+            try:
+                await never()
+            except anyio.get_cancelled_exc_class():
+                caught += 1
+        return "gave up waiting"
+
+    with anyio.fail_after(5):
+        assert await timeout.call(very_stubborn) == "gave up waiting"
+    assert caught == 3
+    await anyio.lowlevel.checkpoint()  # raises if a cancel request of ours were left pending
+    await anyio.lowlevel.checkpoint()
+
+
 async def test_shielded_section_inside_the_call_finishes_before_the_timeout(
     engine: TimeoutEngine,
 ) -> None:
