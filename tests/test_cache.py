@@ -459,6 +459,13 @@ def test_cache_rejects_bad_configuration() -> None:
         StaleCache(store_breaker="db")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("client", [None, "redis://cache:6379", 6379])
+def test_redis_store_rejects_what_is_not_a_redis_client(client: Any) -> None:
+    """RedisStaleStore(None) says what it needs at construction, not AttributeError in a call."""
+    with pytest.raises(TypeError, match=r"^client must be a redis\.asyncio client"):
+        RedisStaleStore(client)
+
+
 # -- Redis --------------------------------------------------------------------------------------
 
 
