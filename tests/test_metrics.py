@@ -21,7 +21,7 @@ from veritas_resilience.instrumentation import prometheus as prometheus_module
 from veritas_resilience.limits import Timeout
 from veritas_resilience.testing import FakeClock
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("breaker_impl")]
+pytestmark = pytest.mark.anyio
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

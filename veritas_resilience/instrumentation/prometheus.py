@@ -265,6 +265,8 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience.postgres._client",
     "veritas_resilience.redis._events",
     "veritas_resilience.health._registry",
+    "veritas_resilience.recovery._events",
+    "veritas_resilience.chaos._inject",
 )
 """Every module of the library that declares metric families (importing them declares them all)."""
 
