@@ -468,3 +468,26 @@ def test_public_names_are_exactly_all_and_documented() -> None:
         obj = getattr(vpg, n)
         if callable(obj):
             assert (obj.__doc__ or "").strip(), n
+
+
+async def test_callers_waiting_for_the_primary_wait_for_its_breaker_trial(
+    cluster: LocalPostgresCluster,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """Callers that waited out an outage of the primary are not failed by its breaker when it
+    heals: they wait for the breaker's open time and its half-open trial, then all succeed."""
+    p, s = cluster.primary, cluster.standbys[0]
+    proxy = fault_proxy_factory(p.host, p.port)
+    nodes = [Node(host=proxy.host, port=proxy.port, name="proxied"), s.dsn]
+    options = {"failure_threshold": 2, "reset_timeout": 0.6}
+    async with client(nodes, user="postgres", breaker_options=options) as db:
+        assert await db.fetchval("SELECT 1") == 1
+        await run(proxy.refuse)
+        await run(proxy.reset)
+        calls = [asyncio.create_task(db.fetchval("SELECT 1")) for _ in range(20)]
+        await eventually(lambda: db.breaker("proxied").state.value == "open", 5.0, "the breaker")
+        await eventually(lambda: db.primary is None, 5.0, "the primary marked down")
+        await run(proxy.heal)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results == [1] * 20
+        assert db.breaker("proxied").state.value == "closed"

@@ -30,7 +30,7 @@ from .._validate import positive_int as _positive_int
 from .._validate import seconds as _seconds
 from ..circuit_breaker import DEFAULT_BUCKETS, CircuitBreaker
 from ..errors import CircuitOpenError
-from ..events import Hook
+from ..events import CircuitState, Hook
 from ..instrumentation.prometheus import HistogramValue, cumulative_buckets, define_metric
 from ._config import Node, NodeSpec, Route, coerce_nodes
 from ._errors import (
@@ -906,6 +906,7 @@ class FailoverClient(Instrumented):
         deadline: float | None = None
         tried: set[NodeRuntime] | None = None
         last: BaseException | None = None
+        trial_waited = False
         while True:
             version = topo.version
             node: NodeRuntime | None = None
@@ -939,14 +940,9 @@ class FailoverClient(Instrumented):
                     tried = _add(tried, node)
                     continue
                 if not node.state.suspect:
-                    # The node answers probes but its calls keep failing: fail fast.
-                    self._errors["no_primary"] += 1
-                    raise NoPrimaryError(
-                        client=self._name,
-                        reason="breaker_open",
-                        retry_after=exc.retry_after,
-                        node=node.name,
-                    ) from exc
+                    await self._breaker_wait(node, exc, deadline, trial_waited)
+                    trial_waited = True
+                    continue
                 last = exc  # the monitor has yet to confirm what happened: wait for it
             except Exception as exc:
                 kind = classify(exc)
@@ -1154,6 +1150,54 @@ class FailoverClient(Instrumented):
                 await self._wait_changed(min(deadline - self._now(), self._fast_interval * 4))
         finally:
             self._waiting -= 1
+
+    async def _breaker_wait(
+        self,
+        node: NodeRuntime,
+        exc: CircuitOpenError,
+        deadline: float | None,
+        trial_waited: bool,
+    ) -> None:
+        """The primary's breaker rejected a call while its node answers probes.
+
+        A call that has not waited fails at once: the node's calls keep failing. A call that was
+        already waiting for a primary (its deadline runs) waits instead, within that deadline,
+        for the breaker to admit calls again: its open time to end, then its half-open trial
+        to succeed. Otherwise every waiter but one would fail the moment the node heals.
+
+        Returns when the call should try again; raises :class:`NoPrimaryError` (reason
+        ``"breaker_open"``) when the breaker will not admit it in time, or the trial it waited
+        for failed.
+        """
+        breaker = node.breaker
+        failed = trial_waited and exc.state != "half_open"  # the trial we waited for failed
+        if deadline is not None and not failed:
+            seen_trial = exc.state == "half_open"
+            remaining = deadline - self._now()
+            # An open breaker that stays open past the deadline is not worth waiting for; a
+            # trial in flight is: it usually ends in one round trip.
+            if seen_trial or exc.retry_after < remaining:
+                self._waiting += 1
+                try:
+                    while remaining > 0:
+                        state = breaker.state
+                        if state is CircuitState.HALF_OPEN:
+                            seen_trial = True
+                        elif state is not CircuitState.CLOSED and seen_trial:
+                            break  # the trial failed: the breaker opened again
+                        if breaker.retry_after() == 0.0:
+                            return
+                        await self._clock.sleep(min(self._fast_interval, remaining))
+                        remaining = deadline - self._now()
+                finally:
+                    self._waiting -= 1
+        self._errors["no_primary"] += 1
+        raise NoPrimaryError(
+            client=self._name,
+            reason="breaker_open",
+            retry_after=breaker.retry_after(),
+            node=node.name,
+        ) from exc
 
     def _no_primary(self, deadline: float, last: BaseException | None) -> BaseException:
         self._errors["no_primary"] += 1
@@ -1524,6 +1568,7 @@ class _Session:
         deadline: float | None = None
         tried: set[NodeRuntime] | None = None
         last: BaseException | None = None
+        trial_waited = False
         while True:
             version = topo.version
             node = client._pick_standby(None, tried) if self._route == "prefer_standby" else None
@@ -1549,12 +1594,9 @@ class _Session:
                     tried = _add(tried, node)
                     continue
                 if not node.state.suspect:
-                    raise NoPrimaryError(
-                        client=client._name,
-                        reason="breaker_open",
-                        retry_after=exc.retry_after,
-                        node=node.name,
-                    ) from exc
+                    await client._breaker_wait(node, exc, deadline, trial_waited)
+                    trial_waited = True
+                    continue
                 last = exc
             else:
                 self._node, self._conn = node, conn
