@@ -16,13 +16,18 @@ from _pg_support import client, eventually, name, query, readable, run
 from veritas_resilience import BreakerCallFailed
 from veritas_resilience.postgres import (
     CommitOutcomeUnknownError,
+    Node,
     NodeFencedError,
     NoPrimaryError,
     PostgresFailoverDetected,
     PostgresNodeFenced,
     PostgresPromotionAttempted,
 )
-from veritas_resilience.testing import LocalPostgresCluster, PostgresClusterFactory
+from veritas_resilience.testing import (
+    FaultProxyFactory,
+    LocalPostgresCluster,
+    PostgresClusterFactory,
+)
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -245,11 +250,49 @@ async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_wri
         with pytest.raises(NoPrimaryError):
             await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         assert await ids_on(cluster, old) == on_old
+        # A client started now reaches only the old timeline: min_timeline keeps it fenced.
+        async with client([n.dsn for n in cluster.nodes], min_timeline=2, failover_timeout=0.5,
+                          hooks=[]) as fresh_db:  # fmt: skip
+            with pytest.raises(NoPrimaryError):
+                await fresh_db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
+            assert fresh_db._topology.nodes[0].fenced == "stale_timeline"
+        assert await ids_on(cluster, old) == on_old
         await run(cluster.start_node, new)
         await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         assert db.primary == name(new)
     fenced = [e for e in recorder.of(PostgresNodeFenced) if e.fenced]
     assert fenced and fenced[0].node == name(old) and fenced[0].winner in (name(new), None)
+
+
+async def test_one_server_under_two_names_keeps_writing_through_a_promotion(
+    pg_cluster_factory: PostgresClusterFactory,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """A proxy in front of the primary (a pooler's address) listed next to the primary's own:
+    one server, not a split brain. After a promotion the proxy is moved to the new primary: its
+    two names are again one primary and writes go on, with no SplitBrainError."""
+    cluster = await fresh(pg_cluster_factory)
+    old, new = cluster.primary, cluster.standbys[0]
+    proxy = fault_proxy_factory(old.host, old.port)
+    nodes = [Node(host=proxy.host, port=proxy.port, name="pooler"), old.dsn, new.dsn]
+    ids = itertools.count(1)
+    insert = "INSERT INTO w VALUES ($1, inet_server_port())"
+    async with client(nodes, user="postgres") as db:
+        await db.execute(insert, next(ids))
+        assert db.primary == "pooler"
+        assert (await db.health()).nodes[1].alias_of == "pooler"
+        await run(cluster.kill_primary)
+        await run(cluster.promote, new)
+        await run(proxy.retarget, new.host, new.port)
+        await run(proxy.reset)
+        await eventually(lambda: db.primary == "pooler", 5.0, "the pooler's name to be primary")
+        promoted = db._topology.nodes[2]
+        await eventually(lambda: promoted.role == "primary", 5.0, "the promotion confirmed")
+        for _ in range(20):
+            await db.execute(insert, next(ids))
+        report = await db.health()
+        assert report.writes_blocked is None and report.nodes[2].alias_of == "pooler"
+        assert db._topology.failovers == 1  # old server to new, not one per name
 
 
 async def test_all_nodes_down_fails_fast_with_the_breaker_open_then_recovers(

@@ -194,6 +194,8 @@ class NodeHealth:
         pool_idle: Idle connections in its pool.
         pool_waiters: Calls waiting for one of its connections.
         last_error: The type of the last probe error, when the last probe failed.
+        alias_of: When this node is the same server as another one reached under another name
+            (a pooler and the server behind it), the name of the node that takes its writes.
     """
 
     name: str
@@ -210,6 +212,7 @@ class NodeHealth:
     pool_idle: int
     pool_waiters: int
     last_error: str | None
+    alias_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +257,7 @@ class PostgresHealth:
                     "breaker": n.breaker,
                     "pool": {"size": n.pool_size, "idle": n.pool_idle, "waiters": n.pool_waiters},
                     "last_error": n.last_error,
+                    "alias_of": n.alias_of,
                 }
                 for n in self.nodes
             },
@@ -373,6 +377,11 @@ class FailoverClient(Instrumented):
         system_identifier: The cluster's ``system_identifier`` if known in advance: nodes that
             report another one are fenced. Without it, the first node's is learned and any
             mismatch stops writes altogether.
+        min_timeline: Never write to a primary on a timeline below this one (>= 1), even when it
+            is the only node reachable: it is fenced as stale. The client remembers the highest
+            timeline it has seen, but only while it runs; set this (from your HA manager's
+            record of the current timeline) so a client started while only an old, fenced
+            primary answers does not write to it. ``None``: no floor.
         breaker_options: Options for each node's :class:`~veritas_resilience.CircuitBreaker`
             (default ``failure_threshold=5, reset_timeout=2.0``). Connection failures and
             timeouts count as failures; SQL errors do not.
@@ -422,6 +431,7 @@ class FailoverClient(Instrumented):
         auto_promote: bool = False,
         promote_after: Seconds = 5.0,
         system_identifier: int | None = None,
+        min_timeline: int | None = None,
         breaker_options: Mapping[str, Any] | None = None,
         tcp_keepalive: bool = True,
         tcp_user_timeout: Seconds | None = 10.0,
@@ -442,6 +452,8 @@ class FailoverClient(Instrumented):
             raise ValueError(f"max_lag_bytes must be an int >= 0 or None, got {max_lag_bytes!r}")
         if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
             raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+        if min_timeline is not None:
+            min_timeline = _positive_int(min_timeline, "min_timeline")
         clash = sorted(set(connect_kwargs or {}) & _OWN_CONNECT_ARGS)
         if clash:
             raise ValueError(
@@ -503,6 +515,7 @@ class FailoverClient(Instrumented):
             max_lag_bytes=max_lag_bytes,
             max_lag_seconds=lag_seconds,
             system_identifier=system_identifier,
+            min_timeline=min_timeline,
             clock=clock,
         )
         options: dict[str, Any] = {"failure_threshold": 5, "reset_timeout": 2.0}
@@ -1471,6 +1484,7 @@ class FailoverClient(Instrumented):
                     pool_idle=idle,
                     pool_waiters=rt.waiters,
                     last_error=st.last_error,
+                    alias_of=None if st.alias_of is None else st.alias_of.name,
                 )
             )
         status: Literal["ok", "degraded", "down"]

@@ -46,7 +46,8 @@ SELECT pg_is_in_recovery() AS in_recovery,
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
             ELSE pg_current_wal_lsn() END AS lsn,
        pg_last_wal_receive_lsn() AS receive_lsn,
-       (SELECT status FROM pg_stat_wal_receiver) AS receiver_status
+       (SELECT status FROM pg_stat_wal_receiver) AS receiver_status,
+       extract(epoch FROM pg_postmaster_start_time())::float8 AS started_at
 """
 
 
@@ -349,6 +350,7 @@ class NodeRuntime:
             lsn=row["lsn"],
             receive_lsn=row["receive_lsn"],
             streaming=None if status is None else status == "streaming",
+            started_at=row["started_at"],
         )
 
     async def promote(self, timeout: float) -> bool:
