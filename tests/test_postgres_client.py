@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from _pg_support import client, eventually, name, query, run
+from _pg_support import HELD_PATHS, client, eventually, hold, name, query, run
 from prometheus_client import CollectorRegistry, generate_latest
 
 import veritas_resilience.postgres as vpg
@@ -491,3 +491,47 @@ async def test_callers_waiting_for_the_primary_wait_for_its_breaker_trial(
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert results == [1] * 20
         assert db.breaker("proxied").state.value == "closed"
+
+
+async def test_a_lost_link_under_held_connections_raises_the_library_errors(
+    cluster: LocalPostgresCluster,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """The link dies under connections the caller holds (transaction, prepared statement,
+    cursor, acquire(), the caller's own transaction): every path raises ConnectionLostError,
+    inside the block and out of it, never an asyncpg error; the client keeps working."""
+    p = cluster.primary
+    proxy = fault_proxy_factory(p.host, p.port)
+    async with client([(proxy.host, proxy.port)], user="postgres", max_size=10) as db:
+        go = asyncio.Event()
+        readies = [asyncio.Event() for _ in HELD_PATHS]
+        tasks = [
+            asyncio.create_task(hold(db, path, ready, go))
+            for path, ready in zip(HELD_PATHS, readies)
+        ]
+        await asyncio.gather(*(r.wait() for r in readies))
+        await run(proxy.reset)
+        await asyncio.sleep(0.1)
+        go.set()
+        outcomes = dict(zip(HELD_PATHS, await asyncio.gather(*tasks)))
+        assert outcomes == dict.fromkeys(HELD_PATHS, "ConnectionLostError")
+        await eventually(lambda: db.primary is not None, 5.0, "the node to come back")
+        assert await db.fetchval("SELECT 5") == 5
+
+
+async def test_a_statement_timeout_in_a_held_connection_is_a_query_timeout(
+    db: FailoverClient,
+) -> None:
+    """A timed-out statement in a transaction or an acquired connection raises QueryTimeoutError
+    (a TimeoutError), inside the block and out of it; a read-only transaction's 25006 is the
+    caller's own and passes unchanged."""
+    for session in (db.transaction(), db.acquire()):
+        with pytest.raises(QueryTimeoutError) as info:
+            async with session as conn:
+                await conn.execute("SELECT pg_sleep(2)", timeout=0.1)
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value.__cause__, (TimeoutError, asyncio.TimeoutError))
+    with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+        async with db.transaction(readonly=True) as conn:
+            await conn.execute("INSERT INTO items VALUES ($1)", new_id())
+    assert await db.fetchval("SELECT 6") == 6

@@ -11,7 +11,7 @@ import itertools
 import time
 
 import pytest
-from _pg_support import client, eventually, name, query, readable, run
+from _pg_support import HELD_PATHS, client, eventually, hold, name, query, readable, run
 
 from veritas_resilience import BreakerCallFailed
 from veritas_resilience.postgres import (
@@ -218,6 +218,31 @@ async def test_promotion_while_the_old_primary_is_up_fences_it(
     assert -1 not in await ids_on(cluster, old) | await ids_on(cluster, new)
     fence = recorder.of(PostgresNodeFenced)
     assert fence and fence[0].node == name(old) and fence[0].reason == "stale_timeline"
+
+
+async def test_connections_held_on_a_node_fenced_meanwhile_raise_node_fenced(
+    pg_cluster_factory: PostgresClusterFactory,
+) -> None:
+    """Connections the caller holds on a primary that gets fenced (a standby promoted next to
+    it): every path (transaction, prepared statement, cursor, acquire(), the caller's own
+    transaction) raises NodeFencedError, inside the block and out of it, never an asyncpg
+    error; nothing of theirs is committed."""
+    cluster = await fresh(pg_cluster_factory)
+    new = cluster.standbys[0]
+    async with client([n.dsn for n in cluster.nodes], max_size=10) as db:
+        go = asyncio.Event()
+        readies = [asyncio.Event() for _ in HELD_PATHS]
+        tasks = [
+            asyncio.create_task(hold(db, path, ready, go))
+            for path, ready in zip(HELD_PATHS, readies)
+        ]
+        await asyncio.gather(*(r.wait() for r in readies))
+        await run(cluster.promote, new)
+        old_state = db._topology.nodes[0]
+        await eventually(lambda: old_state.fenced is not None, 5.0, "the old primary fenced")
+        go.set()
+        outcomes = dict(zip(HELD_PATHS, await asyncio.gather(*tasks)))
+        assert outcomes == dict.fromkeys(HELD_PATHS, "NodeFencedError")
 
 
 async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_writes(

@@ -37,12 +37,10 @@ from ._errors import (
     NODE_FAILURES,
     AcquireTimeoutError,
     CommitOutcomeUnknownError,
-    ConnectionLostError,
     Kind,
     NodeFencedError,
     NoPrimaryError,
-    NotPrimaryError,
-    PostgresError,
+    NotSent,
     QueryTimeoutError,
     SplitBrainError,
     SystemIdentifierMismatchError,
@@ -55,9 +53,11 @@ from ._node import (
     ConnectSettings,
     NodeRuntime,
     RoleMismatch,
-    is_closed,
+    classify_on,
+    gone_error,
     terminate,
 )
+from ._session import Session, add_tried
 from ._topology import Role, Topology
 
 __all__ = ["FailoverClient", "NodeHealth", "PostgresHealth", "WriteToken"]
@@ -264,29 +264,14 @@ class PostgresHealth:
         }
 
 
-class _NotSent(Exception):
-    """An attempt failed before its statement reached the server (internal)."""
-
-    def __init__(self, kind: str, error: BaseException | None = None) -> None:
-        super().__init__(kind)
-        self.kind = kind
-        self.error = error
-
-    def __str__(self) -> str:
-        # What a breaker's failure log shows: the reason and the driver's error behind it.
-        if self.error is None:
-            return f"not sent ({self.kind})"
-        return f"not sent ({self.kind}): {type(self.error).__name__}: {self.error}"
-
-
 def _breaker_failure(exc: BaseException) -> bool:
-    if isinstance(exc, _NotSent):
+    if isinstance(exc, NotSent):
         return exc.kind == "connect"
     return classify(exc) in NODE_FAILURES
 
 
 def _breaker_ignored(exc: BaseException) -> bool:
-    if isinstance(exc, _NotSent):
+    if isinstance(exc, NotSent):
         return exc.kind != "connect"
     return classify(exc) is Kind.READ_ONLY
 
@@ -881,7 +866,7 @@ class FailoverClient(Instrumented):
             NoPrimaryError, SplitBrainError: When entering, as for :meth:`execute`.
         """
         options = {"isolation": isolation, "readonly": readonly, "deferrable": deferrable}
-        return _Session(self, "primary", options)
+        return Session(self, "primary", options)
 
     def acquire(self, *, route: Route = "primary") -> AbstractAsyncContextManager[Any]:
         """Hold one pooled connection: ``async with db.acquire() as conn: ...``.
@@ -893,7 +878,7 @@ class FailoverClient(Instrumented):
         Raises:
             NoPrimaryError, SplitBrainError: When entering, as for :meth:`execute`.
         """
-        return _Session(self, route, None)
+        return Session(self, route, None)
 
     # -- routing and retries ---------------------------------------------------------------------
 
@@ -937,20 +922,20 @@ class FailoverClient(Instrumented):
                     self._attempt_fn, node, op, query, args, timeout, extra, write,
                     token if on_standby else None,
                 )  # fmt: skip
-            except _NotSent as exc:
+            except NotSent as exc:
                 last = exc.error or exc
                 if exc.kind == "closed":
                     raise NoPrimaryError(client=self._name, reason="closed") from None
                 if exc.kind != "ryw_fallback":  # not a failure: the standby was behind
                     self._failed(node, exc.kind, exc.error, retried=True)
                 if on_standby:
-                    tried = _add(tried, node)
+                    tried = add_tried(tried, node)
                     continue  # another standby, or the primary
                 if exc.kind == "acquire_timeout":
                     raise exc.error or exc from None
             except CircuitOpenError as exc:
                 if on_standby:
-                    tried = _add(tried, node)
+                    tried = add_tried(tried, node)
                     continue
                 if not node.state.suspect:
                     await self._breaker_wait(node, exc, deadline, trial_waited)
@@ -989,7 +974,7 @@ class FailoverClient(Instrumented):
                 else:
                     self._failed(node, kind.value, exc, retried=True)
                     if on_standby:
-                        tried = _add(tried, node)
+                        tried = add_tried(tried, node)
                         continue
             # Retry on the primary once the topology has caught up (or shortly anyway).
             now = self._now()
@@ -1013,7 +998,7 @@ class FailoverClient(Instrumented):
     ) -> Any:
         pool = node.pool
         if pool is None:
-            raise _NotSent("closed")
+            raise NotSent("closed")
         now = self._now
         start = now()
         in_use = node.in_use = node.in_use + 1
@@ -1064,12 +1049,12 @@ class FailoverClient(Instrumented):
             if write and self._ryw:
                 await self._take_token(conn, node)
         except BaseException as exc:
-            if isinstance(exc, _NotSent):
+            if isinstance(exc, NotSent):
                 raise
             if sent_nothing(exc):
                 terminate(conn)
-                raise _NotSent("stale", exc) from exc
-            kind = classify(exc) if isinstance(exc, Exception) else None
+                raise NotSent("stale", exc) from exc
+            kind = classify_on(exc, conn) if isinstance(exc, Exception) else None
             if kind is None or kind is Kind.TIMEOUT:
                 # The statement is being cancelled: let it go back to the pool (or be closed)
                 # in the background, and raise now.
@@ -1077,6 +1062,9 @@ class FailoverClient(Instrumented):
                 self._spawn(self._release(node, pool, conn, self._release_timeout))
             elif kind in NODE_FAILURES:
                 terminate(conn)
+                gone = gone_error(exc, conn)
+                if gone is not exc:
+                    raise gone from exc
             raise
         finally:
             if inline:
@@ -1092,17 +1080,17 @@ class FailoverClient(Instrumented):
         self._hist_sum[k] += elapsed
         return result
 
-    def _acquire_failure(self, node: NodeRuntime, exc: Exception) -> _NotSent:
+    def _acquire_failure(self, node: NodeRuntime, exc: Exception) -> NotSent:
         if isinstance(exc, RoleMismatch):
-            return _NotSent("stale", exc)
+            return NotSent("stale", exc)
         if isinstance(exc, NodeFencedError):
-            return _NotSent("fenced", exc)
+            return NotSent("fenced", exc)
         if isinstance(exc, AcquireExpired):
             error = AcquireTimeoutError(
                 client=self._name, node=node.name, timeout=self._acquire_timeout
             )
-            return _NotSent("acquire_timeout", error)
-        return _NotSent("connect", exc)
+            return NotSent("acquire_timeout", error)
+        return NotSent("connect", exc)
 
     async def _release(
         self, node: NodeRuntime, pool: Any, conn: Any, timeout: float | None
@@ -1322,7 +1310,7 @@ class FailoverClient(Instrumented):
             remaining = deadline - self._now()
             if replayed is None or remaining <= 0:
                 self._ryw_counts["fallback"] += 1
-                raise _NotSent("ryw_fallback")
+                raise NotSent("ryw_fallback")
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.05)
 
@@ -1551,198 +1539,3 @@ class FailoverClient(Instrumented):
         for outcome, count in self._ryw_counts.items():
             yield "veritas_postgres_read_your_writes", (name, outcome), float(count)
         yield "veritas_postgres_promotions", (name,), float(self._promotions)
-
-
-def _add(tried: set[NodeRuntime] | None, node: NodeRuntime) -> set[NodeRuntime]:
-    if tried is None:
-        tried = set()
-    tried.add(node)
-    return tried
-
-
-class _Session:
-    """``async with client.acquire()`` / ``client.transaction()``: one connection, held."""
-
-    def __init__(self, client: FailoverClient, route: Route, tx: dict[str, Any] | None) -> None:
-        self._client = client
-        self._route: Route = route
-        self._tx_options = tx
-        self._node: NodeRuntime | None = None
-        self._pool: Any = None
-        self._conn: Any = None
-        self._tx: Any = None
-
-    async def __aenter__(self) -> Any:
-        if self._conn is not None:
-            raise RuntimeError("this session is already entered")
-        client = self._client
-        if client._state != _RUNNING:
-            await client._ensure_running()
-        topo = client._topology
-        deadline: float | None = None
-        tried: set[NodeRuntime] | None = None
-        last: BaseException | None = None
-        trial_waited = False
-        while True:
-            version = topo.version
-            node = client._pick_standby(None, tried) if self._route == "prefer_standby" else None
-            on_standby = node is not None
-            if node is None:
-                node = client._primary_rt
-                if node is None:
-                    if deadline is None:
-                        deadline = client._now() + client._failover_timeout
-                    node = await client._wait_primary(deadline, last)
-            try:
-                conn = await node.breaker.call(self._open, node)
-            except _NotSent as exc:
-                last = exc.error or exc
-                client._failed(node, exc.kind, exc.error, retried=True)
-                if exc.kind == "acquire_timeout":
-                    raise exc.error or exc from None
-                if on_standby:
-                    tried = _add(tried, node)
-                    continue
-            except CircuitOpenError as exc:
-                if on_standby:
-                    tried = _add(tried, node)
-                    continue
-                if not node.state.suspect:
-                    await client._breaker_wait(node, exc, deadline, trial_waited)
-                    trial_waited = True
-                    continue
-                last = exc
-            else:
-                self._node, self._conn = node, conn
-                return conn
-            now = client._now()
-            if deadline is None:
-                deadline = now + client._failover_timeout
-            if now >= deadline:
-                raise client._no_primary(deadline, last)
-            client._retries += 1
-            await client._await_change(version, deadline)
-
-    async def _open(self, node: NodeRuntime) -> Any:
-        client = self._client
-        pool = node.pool
-        if pool is None:
-            raise _NotSent("closed")
-        node.in_use += 1
-        try:
-            if node.in_use > node.max_size:
-                conn = await node.guard.acquire(pool)
-            else:
-                conn = await pool.acquire()
-        except Exception as exc:
-            node.in_use -= 1
-            raise client._acquire_failure(node, exc) from exc
-        except BaseException:
-            node.in_use -= 1
-            raise
-        self._pool = pool
-        if self._tx_options is None:
-            return conn
-        tx = conn.transaction(**self._tx_options)
-        try:
-            await tx.start()
-        except BaseException as exc:
-            if sent_nothing(exc):
-                terminate(conn)
-                await client._release(node, pool, conn, None)
-                raise _NotSent("stale", exc) from exc
-            kind = classify(exc) if isinstance(exc, Exception) else None
-            if kind is Kind.SQL or kind is None:
-                client._spawn(client._release(node, pool, conn, client._release_timeout))
-                raise
-            terminate(conn)
-            await client._release(node, pool, conn, None)
-            # BEGIN never took effect: nothing happened, the client may try again.
-            raise _NotSent("connect" if kind in NODE_FAILURES else "stale", exc) from exc
-        self._tx = tx
-        return conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        client = self._client
-        node, pool, conn, tx = self._node, self._pool, self._conn, self._tx
-        assert node is not None
-        self._node = self._pool = self._conn = self._tx = None
-        inline = True
-        try:
-            if exc is not None:
-                kind = classify(exc) if isinstance(exc, Exception) else None
-                if kind is not None and kind is not Kind.SQL:
-                    client._failed(node, kind.value, exc, retried=False)
-                if kind in NODE_FAILURES:
-                    terminate(conn)
-                elif kind is None:
-                    inline = False  # cancelled: give it back in the background, bounded
-                    client._spawn(client._release(node, pool, conn, client._release_timeout))
-                elif tx is not None and not is_closed(conn):
-                    try:
-                        await tx.rollback()
-                    except Exception:
-                        terminate(conn)
-                if tx is not None and isinstance(exc, Exception):
-                    mapped = self._map_rolled_back(node, exc, kind)
-                    if mapped is not None:
-                        raise mapped from exc
-                return
-            if tx is not None:
-                await self._commit(node, conn, tx)
-        finally:
-            if inline:
-                await client._release(node, pool, conn, None)
-
-    def _map_rolled_back(
-        self, node: NodeRuntime, exc: Exception, kind: Kind | None
-    ) -> PostgresError | None:
-        client = self._client
-        if node.state.fenced is not None and kind is not Kind.SQL:
-            return NodeFencedError(client=client._name, node=node.name, reason=node.state.fenced)
-        if kind is Kind.READ_ONLY:
-            return NotPrimaryError(client=client._name, node=node.name)
-        if kind in (Kind.LOST, Kind.SHUTDOWN, Kind.CONNECT):
-            return ConnectionLostError(client=client._name, node=node.name)
-        if kind is Kind.TIMEOUT:
-            return QueryTimeoutError(client=client._name, node=node.name, timeout=None)
-        return None
-
-    async def _commit(self, node: NodeRuntime, conn: Any, tx: Any) -> None:
-        client = self._client
-        state = node.state
-        closed = is_closed(conn)
-        if state.fenced is not None or closed or node is not client._primary_rt:
-            # Never commit on a node that lost its role: the server rolls the transaction back
-            # when the connection goes.
-            terminate(conn)
-            if state.fenced is not None:
-                client._errors["fenced"] += 1
-                raise NodeFencedError(client=client._name, node=node.name, reason=state.fenced)
-            if closed:
-                raise ConnectionLostError(client=client._name, node=node.name)
-            raise NotPrimaryError(client=client._name, node=node.name)
-        try:
-            await node.breaker.call(tx.commit)
-        except Exception as exc:
-            kind = classify(exc)
-            if kind is Kind.SQL:
-                raise  # e.g. a serialization failure at commit: rolled back, the caller's call
-            client._failed(node, kind.value, exc, retried=False)
-            if kind is Kind.READ_ONLY:
-                raise NotPrimaryError(client=client._name, node=node.name) from exc
-            terminate(conn)
-            client._errors["commit_unknown"] += 1
-            reason = {Kind.TIMEOUT: "timeout", Kind.SHUTDOWN: "shutdown"}.get(
-                kind, "connection_lost"
-            )
-            raise CommitOutcomeUnknownError(
-                client=client._name, node=node.name, reason=reason
-            ) from exc
-        if client._ryw:
-            await client._take_token(conn, node)

@@ -221,6 +221,36 @@ class AcquireTimeoutError(PostgresError, TimeoutError):
         self.timeout = timeout
 
 
+class NotSent(Exception):
+    """An attempt failed before its statement reached the server (internal, never raised out).
+
+    Attributes:
+        kind: Why: ``"connect"``, ``"stale"``, ``"fenced"``, ``"closed"``, ``"acquire_timeout"``
+            or ``"ryw_fallback"``.
+        error: The error behind it, if any.
+    """
+
+    def __init__(self, kind: str, error: BaseException | None = None) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.error = error
+
+    def __str__(self) -> str:
+        # What a breaker's failure log shows: the reason and the driver's error behind it.
+        if self.error is None:
+            return f"not sent ({self.kind})"
+        return f"not sent ({self.kind}): {type(self.error).__name__}: {self.error}"
+
+
+class ConnectionGone(ConnectionError):
+    """The connection was closed under a call, and the driver said so in its own way (internal).
+
+    asyncpg raises a bare ``InterfaceError``, or even an ``AttributeError`` from inside a
+    terminated connection, when the client itself closed it (the node was fenced or demoted):
+    this stands for all of them (a connection loss), with the driver's error as its cause.
+    """
+
+
 class Kind(str, enum.Enum):
     """What an exception from a node means for routing (internal; also a metric label)."""
 
