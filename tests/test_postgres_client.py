@@ -524,7 +524,7 @@ async def test_a_statement_timeout_in_a_held_connection_is_a_query_timeout(
 ) -> None:
     """A timed-out statement in a transaction or an acquired connection raises QueryTimeoutError
     (a TimeoutError), inside the block and out of it; a read-only transaction's 25006 is the
-    caller's own and passes unchanged."""
+    caller's own and passes unchanged; a connection used after its block is refused."""
     for session in (db.transaction(), db.acquire()):
         with pytest.raises(QueryTimeoutError) as info:
             async with session as conn:
@@ -534,4 +534,6 @@ async def test_a_statement_timeout_in_a_held_connection_is_a_query_timeout(
     with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
         async with db.transaction(readonly=True) as conn:
             await conn.execute("INSERT INTO items VALUES ($1)", new_id())
+    with pytest.raises(RuntimeError, match="went back to the pool"):
+        await conn.fetchval("SELECT 1")  # used after its block: refused, whoever has it now
     assert await db.fetchval("SELECT 6") == 6

@@ -855,6 +855,10 @@ class FailoverClient(Instrumented):
         block runs once. On a clean exit the transaction is committed; an exception rolls it
         back and is re-raised, mapped when it concerns the topology.
 
+        ``conn`` is asyncpg's pooled connection, wrapped: its calls, and those of the prepared
+        statements, cursors and transactions it gives, raise the errors below as they happen
+        (the server's SQL errors pass unchanged). It goes back to the pool when the block ends.
+
         Raises:
             CommitOutcomeUnknownError: The connection died (or COMMIT timed out) after COMMIT
                 was sent: it may have committed. Never retried.
@@ -872,11 +876,16 @@ class FailoverClient(Instrumented):
         """Hold one pooled connection: ``async with db.acquire() as conn: ...``.
 
         The connection comes from the primary (``route="primary"``) or a standby within the lag
-        limits (``"prefer_standby"``). Statements on it are not retried; asyncpg's errors reach
-        the block as they are. Prefer the client's own calls and :meth:`transaction`.
+        limits (``"prefer_standby"``). Statements on it are not retried. Errors that concern the
+        node or the link are mapped as in :meth:`transaction`; an autocommit statement on the
+        primary whose connection died after it was sent raises
+        :class:`CommitOutcomeUnknownError`. Prefer the client's own calls and
+        :meth:`transaction`.
 
         Raises:
             NoPrimaryError, SplitBrainError: When entering, as for :meth:`execute`.
+            NodeFencedError, ConnectionLostError, CommitOutcomeUnknownError, QueryTimeoutError,
+                NotPrimaryError: From the block's statements, as for :meth:`transaction`.
         """
         return Session(self, route, None)
 
