@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from pathlib import Path
 
 import pytest
 from _pg_support import HELD_PATHS, client, eventually, hold, name, query, readable, run
@@ -16,6 +17,7 @@ from _pg_support import HELD_PATHS, client, eventually, hold, name, query, reada
 from veritas_resilience import BreakerCallFailed
 from veritas_resilience.postgres import (
     CommitOutcomeUnknownError,
+    FileFencingRecord,
     Node,
     NodeFencedError,
     NoPrimaryError,
@@ -246,15 +248,18 @@ async def test_connections_held_on_a_node_fenced_meanwhile_raise_node_fenced(
 
 
 async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_writes(
-    pg_cluster_factory: PostgresClusterFactory,
+    pg_cluster_factory: PostgresClusterFactory, tmp_path: Path
 ) -> None:
     """The crashed primary restarted by mistake as a primary (TL1 next to TL2) is fenced; even
-    with the real primary down, no write goes to it."""
+    with the real primary down, no write goes to it, not even from a client started then (told
+    min_timeline, or reading the fencing record the first client kept)."""
     cluster = await fresh(pg_cluster_factory)
     old, new = cluster.primary, cluster.standbys[0]
     recorder = Recorder()
     ids = itertools.count(1)
-    async with client([n.dsn for n in cluster.nodes], hooks=[recorder], failover_timeout=1.0) as db:
+    record = FileFencingRecord(tmp_path / "fence.json")
+    async with client([n.dsn for n in cluster.nodes], hooks=[recorder], failover_timeout=1.0,
+                      fencing_record=record) as db:  # fmt: skip
         await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         await run(cluster.kill_primary)
         await run(cluster.promote, new)
@@ -275,12 +280,16 @@ async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_wri
         with pytest.raises(NoPrimaryError):
             await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         assert await ids_on(cluster, old) == on_old
-        # A client started now reaches only the old timeline: min_timeline keeps it fenced.
-        async with client([n.dsn for n in cluster.nodes], min_timeline=2, failover_timeout=0.5,
-                          hooks=[]) as fresh_db:  # fmt: skip
-            with pytest.raises(NoPrimaryError):
-                await fresh_db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
-            assert fresh_db._topology.nodes[0].fenced == "stale_timeline"
+        # A client started now reaches only the old timeline: min_timeline, or the record the
+        # first client kept, keeps it fenced.
+        for told in ({"min_timeline": 2}, {"fencing_record": record}):
+            async with client([n.dsn for n in cluster.nodes], failover_timeout=0.5,
+                              **told) as fresh_db:  # fmt: skip
+                with pytest.raises(NoPrimaryError):
+                    await fresh_db.execute("INSERT INTO w VALUES ($1, inet_server_port())", 0)
+                assert fresh_db._topology.nodes[0].fenced == "stale_timeline", told
+        sysid = await query(cluster, old, "SELECT system_identifier FROM pg_control_system()")
+        assert await record.load(int(sysid)) == 2
         assert await ids_on(cluster, old) == on_old
         await run(cluster.start_node, new)
         await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))

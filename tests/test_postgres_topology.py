@@ -401,3 +401,18 @@ def test_a_name_that_leads_to_a_promoted_server_is_a_failover(clock: FakeClock) 
     assert now(topo).primary is n1 and now(topo).failovers == 1
     assert any(isinstance(e, PostgresFailoverDetected) for e in events)
     assert now(n1).generation > generation
+
+
+def test_writes_wait_for_the_fencing_record_and_its_floor_fences(clock: FakeClock) -> None:
+    """Awaiting a fencing record, no node takes writes; the record's timeline then fences an
+    older primary, as if a node had reported it."""
+    topo, (n1, n2) = make(clock, rise=1, await_floor=True)
+    topo.observe(n1, primary(tl=1))
+    topo.observe(n2, None, "OSError")
+    assert now(topo).primary is None and topo.promotion_candidate() is None
+    topo.set_timeline_floor(2)
+    assert now(topo).primary is None and now(n1).fenced == "stale_timeline"
+    other, (m1,) = make(clock, n=1, await_floor=True)
+    other.observe(m1, primary(tl=1))
+    other.set_timeline_floor(None)  # nothing recorded yet: writes go ahead
+    assert now(other).primary is m1

@@ -47,7 +47,8 @@ from ._errors import (
     classify,
     sent_nothing,
 )
-from ._events import PostgresCallFailed, PostgresPromotionAttempted
+from ._events import PostgresCallFailed, PostgresFencingRecordFailed, PostgresPromotionAttempted
+from ._fencing import FencingRecord
 from ._node import (
     AcquireExpired,
     ConnectSettings,
@@ -226,7 +227,8 @@ class PostgresHealth:
             ``"down"`` (no writable primary).
         active: The node that takes writes now (the guide's ``active``), or ``None``.
         writes_blocked: Why writes are stopped altogether (``"split_brain"``,
-            ``"system_identifier"``), or ``None``.
+            ``"system_identifier"``, or ``"fencing_record"`` until the fencing record is
+            read), or ``None``.
         nodes: Every node, in the configured order (for two nodes: the guide's ``primary`` and
             ``secondary``).
     """
@@ -367,6 +369,10 @@ class FailoverClient(Instrumented):
             timeline it has seen, but only while it runs; set this (from your HA manager's
             record of the current timeline) so a client started while only an old, fenced
             primary answers does not write to it. ``None``: no floor.
+        fencing_record: A :class:`FencingRecord` the clients share (e.g. a
+            :class:`FileFencingRecord`): the client saves the highest timeline it sees there,
+            and reads it back before its first write, so a restart cannot forget fencing.
+            Until it has read the record it takes no writes.
         breaker_options: Options for each node's :class:`~veritas_resilience.CircuitBreaker`
             (default ``failure_threshold=5, reset_timeout=2.0``). Connection failures and
             timeouts count as failures; SQL errors do not.
@@ -417,6 +423,7 @@ class FailoverClient(Instrumented):
         promote_after: Seconds = 5.0,
         system_identifier: int | None = None,
         min_timeline: int | None = None,
+        fencing_record: FencingRecord | None = None,
         breaker_options: Mapping[str, Any] | None = None,
         tcp_keepalive: bool = True,
         tcp_user_timeout: Seconds | None = 10.0,
@@ -439,6 +446,15 @@ class FailoverClient(Instrumented):
             raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
         if min_timeline is not None:
             min_timeline = _positive_int(min_timeline, "min_timeline")
+        if fencing_record is not None and not isinstance(fencing_record, FencingRecord):
+            raise TypeError(
+                "fencing_record must be a FencingRecord (async load() and save()), got "
+                f"{fencing_record!r}"
+            )
+        self._fencing = fencing_record
+        self._fence_saved = 0
+        self._fence_task: asyncio.Task[None] | None = None
+        self._fence_retry_at = -math.inf
         clash = sorted(set(connect_kwargs or {}) & _OWN_CONNECT_ARGS)
         if clash:
             raise ValueError(
@@ -501,6 +517,7 @@ class FailoverClient(Instrumented):
             max_lag_seconds=lag_seconds,
             system_identifier=system_identifier,
             min_timeline=min_timeline,
+            await_floor=fencing_record is not None,
             clock=clock,
         )
         options: dict[str, Any] = {"failure_threshold": 5, "reset_timeout": 2.0}
@@ -673,6 +690,11 @@ class FailoverClient(Instrumented):
         tasks = [rt.task for rt in self._runtimes if rt.task is not None]
         if self._promotion is not None:
             tasks.append(self._promotion)
+        if self._fence_task is not None:
+            if not self._topology.floor_pending:
+                # A timeline being saved is worth its bounded wait: another client may need it.
+                await asyncio.wait([self._fence_task], timeout=self._probe_timeout)
+            tasks.append(self._fence_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -1397,6 +1419,63 @@ class FailoverClient(Instrumented):
         if topo.version != self._seen_version:
             self._seen_version = topo.version
             self._notify()
+        if self._fencing is not None:
+            self._sync_fencing()
+
+    # -- fencing record --------------------------------------------------------------------------
+
+    def _sync_fencing(self) -> None:
+        """Read the fencing record once the cluster is known; save every higher timeline."""
+        topo = self._topology
+        sysid = topo.system_identifier
+        if (
+            sysid is None or self._fence_task is not None or self._state != _RUNNING
+            or self._now() < self._fence_retry_at
+        ):  # fmt: skip
+            return
+        if topo.floor_pending:
+            self._fence_task = asyncio.create_task(self._load_floor(sysid))
+        elif topo.max_timeline > self._fence_saved:
+            self._fence_task = asyncio.create_task(self._save_floor(sysid, topo.max_timeline))
+
+    async def _load_floor(self, sysid: int) -> None:
+        record = self._fencing
+        assert record is not None
+        try:
+            timeline = await asyncio.wait_for(record.load(sysid), self._probe_timeout)
+            if timeline is not None and (isinstance(timeline, bool) or timeline < 1):
+                raise ValueError(f"the record holds timeline {timeline!r}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fence_retry_at = self._now() + self._monitor_interval
+            self._emit(
+                PostgresFencingRecordFailed(name=self._name, action="load", timeline=None,
+                                            error=exc)
+            )  # fmt: skip
+            return
+        finally:
+            self._fence_task = None
+        self._fence_saved = timeline or 0
+        await self._apply(self._topology.set_timeline_floor(timeline))
+
+    async def _save_floor(self, sysid: int, timeline: int) -> None:
+        record = self._fencing
+        assert record is not None
+        try:
+            await asyncio.wait_for(record.save(sysid, timeline), self._probe_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fence_retry_at = self._now() + self._monitor_interval
+            self._emit(
+                PostgresFencingRecordFailed(name=self._name, action="save", timeline=timeline,
+                                            error=exc)
+            )  # fmt: skip
+            return
+        finally:
+            self._fence_task = None
+        self._fence_saved = max(self._fence_saved, timeline)
 
     def _notify(self) -> None:
         event = self._changed
@@ -1496,11 +1575,14 @@ class FailoverClient(Instrumented):
         else:
             status = "degraded"
         blocked = topo.writes_blocked
+        blocked_by = None if blocked is None else blocked[0]
+        if blocked_by is None and topo.floor_pending:
+            blocked_by = "fencing_record"
         return PostgresHealth(
             name=self._name,
             status=status,
             active=self.primary,
-            writes_blocked=None if blocked is None else blocked[0],
+            writes_blocked=blocked_by,
             nodes=tuple(nodes),
         )
 

@@ -207,6 +207,8 @@ class Topology:
             node otherwise, and a mismatch stops writes altogether.
         min_timeline: The lowest timeline a primary may be on to take writes, as if a node had
             reported it (a primary below it is fenced as stale); ``None``: no floor.
+        await_floor: Take no writes until :meth:`set_timeline_floor` is called (the client
+            reads its fencing record first).
         clock: Time source.
     """
 
@@ -221,6 +223,7 @@ class Topology:
         max_lag_seconds: float | None = None,
         system_identifier: int | None = None,
         min_timeline: int | None = None,
+        await_floor: bool = False,
         clock: Clock = MONOTONIC,
     ) -> None:
         self.client = client
@@ -242,6 +245,8 @@ class Topology:
         """The primary when it runs with ``default_transaction_read_only`` (it takes no writes)."""
         self.max_timeline = min_timeline or 0
         """The highest timeline any node of the cluster reported (at least ``min_timeline``)."""
+        self.floor_pending = await_floor
+        """Whether writes wait for :meth:`set_timeline_floor` (a fencing record to be read)."""
         self.failovers = 0
         """How many times the primary moved to another node."""
         self.fencings = 0
@@ -315,7 +320,7 @@ class Topology:
         (by received WAL, then replayed WAL, then configured order). ``None`` while any reachable
         node claims to be primary or writes are blocked.
         """
-        if self.writes_blocked is not None:
+        if self.writes_blocked is not None or self.floor_pending:
             return None
         if any(n.reachable and n.role == "primary" for n in self.nodes):
             return None
@@ -335,6 +340,17 @@ class Topology:
         return best
 
     # -- input --------------------------------------------------------------------------------
+
+    def set_timeline_floor(self, timeline: int | None) -> list[Event]:
+        """Raise the highest timeline to ``timeline`` (as read from a fencing record) and let
+        writes go ahead; return the events of the decision taken again."""
+        self.floor_pending = False
+        if timeline is not None and timeline > self.max_timeline:
+            self.max_timeline = timeline
+        self.version += 1
+        events: list[Event] = []
+        self._decide(None, self._clock.monotonic(), events)
+        return events
 
     def hint(self, node: NodeState) -> None:
         """Note that a call saw an error hinting that the node's role or health changed."""
@@ -441,7 +457,7 @@ class Topology:
 
     # -- decision -------------------------------------------------------------------------------
 
-    def _decide(self, probed: NodeState, now: float, events: list[Event]) -> None:
+    def _decide(self, probed: NodeState | None, now: float, events: list[Event]) -> None:
         reachable = [n for n in self.nodes if n.reachable]
         sysid = self._reference_sysid(reachable)
         foreign = [
@@ -502,7 +518,7 @@ class Topology:
                 )
 
         writable = winner if winner is not None and not winner.read_only else None
-        if blocked is not None:
+        if blocked is not None or self.floor_pending:
             writable = None
         self.read_only_primary = winner if winner is not None and winner.read_only else None
         self._set_primary(writable, now, events)
@@ -603,7 +619,7 @@ class Topology:
 
     # -- replication lag -------------------------------------------------------------------------
 
-    def _update_lag(self, probed: NodeState, winner: NodeState | None, now: float) -> None:
+    def _update_lag(self, probed: NodeState | None, winner: NodeState | None, now: float) -> None:
         if winner is not None and winner.lsn is not None:
             if winner.timeline != self._sample_timeline:
                 self._samples.clear()
