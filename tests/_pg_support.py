@@ -132,3 +132,19 @@ async def hold(db: FailoverClient, path: str, ready: asyncio.Event, go: asyncio.
         outside = type(exc).__name__
         return inside if outside == inside else f"{inside} then {outside}"
     return inside
+
+
+async def held_outcomes(
+    db: FailoverClient, fault: Callable[[], Awaitable[object]]
+) -> dict[str, str]:
+    """Hold a connection along every path of HELD_PATHS, run ``fault``, use them all again;
+    return what each path raised (see :func:`hold`)."""
+    go = asyncio.Event()
+    readies = [asyncio.Event() for _ in HELD_PATHS]
+    tasks = [
+        asyncio.create_task(hold(db, path, ready, go)) for path, ready in zip(HELD_PATHS, readies)
+    ]
+    await asyncio.gather(*(r.wait() for r in readies))
+    await fault()
+    go.set()
+    return dict(zip(HELD_PATHS, await asyncio.gather(*tasks)))

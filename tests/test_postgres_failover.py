@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from _pg_support import HELD_PATHS, client, eventually, hold, name, query, readable, run
+from _pg_support import (
+    HELD_PATHS,
+    client,
+    eventually,
+    held_outcomes,
+    name,
+    query,
+    readable,
+    run,
+)
 
 from veritas_resilience import BreakerCallFailed
 from veritas_resilience.postgres import (
@@ -228,22 +237,17 @@ async def test_connections_held_on_a_node_fenced_meanwhile_raise_node_fenced(
     """Connections the caller holds on a primary that gets fenced (a standby promoted next to
     it): every path (transaction, prepared statement, cursor, acquire(), the caller's own
     transaction) raises NodeFencedError, inside the block and out of it, never an asyncpg
-    error; nothing of theirs is committed."""
+    error."""
     cluster = await fresh(pg_cluster_factory)
     new = cluster.standbys[0]
     async with client([n.dsn for n in cluster.nodes], max_size=10) as db:
-        go = asyncio.Event()
-        readies = [asyncio.Event() for _ in HELD_PATHS]
-        tasks = [
-            asyncio.create_task(hold(db, path, ready, go))
-            for path, ready in zip(HELD_PATHS, readies)
-        ]
-        await asyncio.gather(*(r.wait() for r in readies))
-        await run(cluster.promote, new)
         old_state = db._topology.nodes[0]
-        await eventually(lambda: old_state.fenced is not None, 5.0, "the old primary fenced")
-        go.set()
-        outcomes = dict(zip(HELD_PATHS, await asyncio.gather(*tasks)))
+
+        async def fence() -> None:
+            await run(cluster.promote, new)
+            await eventually(lambda: old_state.fenced is not None, 5.0, "the old primary fenced")
+
+        outcomes = await held_outcomes(db, fence)
         assert outcomes == dict.fromkeys(HELD_PATHS, "NodeFencedError")
 
 

@@ -26,8 +26,6 @@ import asyncpg
 from .._clock import MONOTONIC, Clock
 from .._hooks import Instrumented
 from .._validate import Seconds
-from .._validate import positive_int as _positive_int
-from .._validate import seconds as _seconds
 from ..circuit_breaker import DEFAULT_BUCKETS, CircuitBreaker
 from ..errors import CircuitOpenError
 from ..events import CircuitState, Hook
@@ -44,6 +42,8 @@ from ._errors import (
     QueryTimeoutError,
     SplitBrainError,
     SystemIdentifierMismatchError,
+    breaker_failure,
+    breaker_ignored,
     classify,
     sent_nothing,
 )
@@ -51,7 +51,6 @@ from ._events import PostgresCallFailed, PostgresFencingRecordFailed, PostgresPr
 from ._fencing import FencingRecord
 from ._node import (
     AcquireExpired,
-    ConnectSettings,
     NodeRuntime,
     RoleMismatch,
     classify_on,
@@ -59,6 +58,7 @@ from ._node import (
     terminate,
 )
 from ._session import Session, add_tried
+from ._settings import ClientSettings
 from ._topology import Role, Topology
 
 __all__ = ["FailoverClient", "NodeHealth", "PostgresHealth", "WriteToken"]
@@ -75,13 +75,7 @@ _ERROR_KINDS = (
 _RYW_OUTCOMES = ("replayed", "waited", "fallback")
 
 _STARTING, _RUNNING, _CLOSED = "starting", "running", "closed"
-_OWN_CONNECT_ARGS = frozenset(
-    {
-        "dsn", "host", "port", "user", "password", "database", "ssl", "timeout", "loop",
-        "command_timeout", "server_settings", "target_session_attrs", "connection_class",
-        "record_class",
-    }
-)  # fmt: skip
+_NOT_SETTINGS = frozenset({"self", "nodes", "clock", "hooks"})
 
 define_metric("veritas_postgres_node_up", "gauge", "Whether the node answers probes.",
               ("client", "node"))  # fmt: skip
@@ -266,18 +260,6 @@ class PostgresHealth:
         }
 
 
-def _breaker_failure(exc: BaseException) -> bool:
-    if isinstance(exc, NotSent):
-        return exc.kind == "connect"
-    return classify(exc) in NODE_FAILURES
-
-
-def _breaker_ignored(exc: BaseException) -> bool:
-    if isinstance(exc, NotSent):
-        return exc.kind != "connect"
-    return classify(exc) is Kind.READ_ONLY
-
-
 _EXECUTE, _EXECUTEMANY, _FETCH, _FETCHROW, _FETCHVAL, _TOKEN = range(6)
 _TOKEN_SQL = "SELECT pg_current_wal_insert_lsn()"
 
@@ -430,117 +412,48 @@ class FailoverClient(Instrumented):
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        # Every keyword but nodes, clock and hooks is a setting, validated on its own (a test
+        # checks that the two lists match).
+        options = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS}
+        self._settings = st = ClientSettings(**options)
         specs = coerce_nodes(nodes)
-        if read_route not in ("primary", "prefer_standby"):
-            raise ValueError(
-                f"read_route must be 'primary' or 'prefer_standby', got {read_route!r}"
-            )
-        if max_lag_bytes is not None and (
-            isinstance(max_lag_bytes, bool) or not isinstance(max_lag_bytes, int)
-            or max_lag_bytes < 0
-        ):  # fmt: skip
-            raise ValueError(f"max_lag_bytes must be an int >= 0 or None, got {max_lag_bytes!r}")
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
-        if min_timeline is not None:
-            min_timeline = _positive_int(min_timeline, "min_timeline")
-        if fencing_record is not None and not isinstance(fencing_record, FencingRecord):
-            raise TypeError(
-                "fencing_record must be a FencingRecord (async load() and save()), got "
-                f"{fencing_record!r}"
-            )
-        self._fencing = fencing_record
+        self._name = name
+        self._specs = specs
+        self._clock = clock
+        self._now = clock.monotonic
+        self._connect = st.connect_settings()
+        self._fencing = st.fencing_record
         self._fence_saved = 0
         self._fence_task: asyncio.Task[None] | None = None
         self._fence_retry_at = -math.inf
-        clash = sorted(set(connect_kwargs or {}) & _OWN_CONNECT_ARGS)
-        if clash:
-            raise ValueError(
-                f"connect_kwargs must not set {', '.join(clash)}: the client sets them (use the "
-                "client's own arguments: connect_timeout, command_timeout, ssl, ...)"
-            )
-        self._name = name
-        self._specs = specs
-        self._read_route: Route = read_route
-        self._connect_timeout = _seconds(connect_timeout, "connect_timeout")
-        self._command_timeout = _seconds(command_timeout, "command_timeout")
-        self._acquire_timeout = _seconds(acquire_timeout, "acquire_timeout")
-        self._release_timeout = _seconds(release_timeout, "release_timeout")
-        self._failover_timeout = _seconds(failover_timeout, "failover_timeout")
-        self._monitor_interval = _seconds(monitor_interval, "monitor_interval")
-        self._fast_interval = _seconds(fast_interval, "fast_interval")
-        self._probe_timeout = _seconds(probe_timeout, "probe_timeout")
-        self._ryw_timeout = _seconds(ryw_timeout, "ryw_timeout")
-        self._promote_after = _seconds(promote_after, "promote_after")
-        lag_seconds = None if max_lag_seconds is None else _seconds(
-            max_lag_seconds, "max_lag_seconds", allow_zero=True
-        )  # fmt: skip
-        self._min_size = min_size
-        self._max_size = _positive_int(max_size, "max_size")
-        self._max_queries = _positive_int(max_queries, "max_queries")
-        self._max_inactive = _seconds(
-            max_inactive_connection_lifetime, "max_inactive_connection_lifetime", allow_zero=True
-        )
-        if min_size > self._max_size:
-            raise ValueError(f"min_size must be <= max_size ({self._max_size}), got {min_size!r}")
-        self._ryw = bool(read_your_writes)
-        self._auto_promote = bool(auto_promote)
-        self._init = init
-        self._setup = setup
-        self._record_class = record_class
-        self._clock = clock
-        self._now = clock.monotonic
-        settings = {"application_name": name}
-        settings.update(server_settings or {})
-        self._connect = ConnectSettings(
-            user=user,
-            password=password,
-            database=database,
-            ssl=ssl,
-            server_settings=settings,
-            connect_kwargs=dict(connect_kwargs or {}),
-            connect_timeout=self._connect_timeout,
-            command_timeout=self._command_timeout,
-            tcp_keepalive=bool(tcp_keepalive),
-            tcp_user_timeout=None if tcp_user_timeout is None else _seconds(
-                tcp_user_timeout, "tcp_user_timeout"
-            ),
-        )  # fmt: skip
         self._topology = Topology(
-            [s.name for s in specs],
+            [spec.name for spec in specs],
             client=name,
-            fall=_positive_int(fall, "fall"),
-            rise=_positive_int(rise, "rise"),
-            max_lag_bytes=max_lag_bytes,
-            max_lag_seconds=lag_seconds,
-            system_identifier=system_identifier,
-            min_timeline=min_timeline,
-            await_floor=fencing_record is not None,
+            fall=st.fall,
+            rise=st.rise,
+            max_lag_bytes=st.max_lag_bytes,
+            max_lag_seconds=st.max_lag_seconds,
+            system_identifier=st.system_identifier,
+            min_timeline=st.min_timeline,
+            await_floor=st.fencing_record is not None,
             clock=clock,
         )
-        options: dict[str, Any] = {"failure_threshold": 5, "reset_timeout": 2.0}
-        options.update(breaker_options or {})
-        for reserved in ("name", "failure_on", "ignore_on", "clock", "hooks"):
-            if reserved in options:
-                raise ValueError(f"breaker_options must not set {reserved!r}: the client does")
         self._runtimes: tuple[NodeRuntime, ...] = tuple(
             NodeRuntime(
                 spec,
                 state,
                 CircuitBreaker(
                     name=f"{name}/{spec.name}",
-                    failure_on=_breaker_failure,
-                    ignore_on=_breaker_ignored,
+                    failure_on=breaker_failure,
+                    ignore_on=breaker_ignored,
                     clock=clock,
                     hooks=hooks,
-                    **options,
+                    **(st.breaker_options or {}),
                 ),
                 self._connect,
                 client=name,
-                max_size=self._max_size,
-                acquire_timeout=self._acquire_timeout,
+                max_size=st.max_size,
+                acquire_timeout=st.acquire_timeout,
                 on_role_mismatch=self._on_role_mismatch,
             )
             for spec, state in zip(specs, self._topology.nodes)
@@ -638,11 +551,11 @@ class FailoverClient(Instrumented):
             self._loop = asyncio.get_running_loop()
             for rt in self._runtimes:
                 await rt.start_pool(
-                    max_queries=self._max_queries,
-                    max_inactive_connection_lifetime=self._max_inactive,
-                    init=self._init,
-                    setup=self._setup,
-                    record_class=self._record_class,
+                    max_queries=self._settings.max_queries,
+                    max_inactive_connection_lifetime=self._settings.max_inactive_connection_lifetime,
+                    init=self._settings.init,
+                    setup=self._settings.setup,
+                    record_class=self._settings.record_class,
                 )
             self._changed = asyncio.Event()
             self._state = _RUNNING
@@ -650,7 +563,7 @@ class FailoverClient(Instrumented):
                 rt.task = asyncio.create_task(
                     self._monitor(rt), name=f"veritas-postgres-monitor:{self._name}:{rt.name}"
                 )
-            deadline = self._now() + self._connect_timeout + self._probe_timeout
+            deadline = self._now() + self._settings.connect_timeout + self._settings.probe_timeout
             topo = self._topology
             while topo.primary is None and not topo.probed and self._now() < deadline:
                 await self._wait_changed(deadline - self._now())
@@ -658,7 +571,7 @@ class FailoverClient(Instrumented):
 
     async def _warm_up(self) -> None:
         rt = self._primary_rt
-        if rt is None or rt.pool is None or self._min_size == 0:
+        if rt is None or rt.pool is None or self._settings.min_size == 0:
             return
 
         async def one() -> None:
@@ -672,7 +585,7 @@ class FailoverClient(Instrumented):
                 rt.in_use -= 1
 
         results = await asyncio.gather(
-            *(one() for _ in range(self._min_size)), return_exceptions=True
+            *(one() for _ in range(self._settings.min_size)), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
@@ -693,18 +606,18 @@ class FailoverClient(Instrumented):
         if self._fence_task is not None:
             if not self._topology.floor_pending:
                 # A timeline being saved is worth its bounded wait: another client may need it.
-                await asyncio.wait([self._fence_task], timeout=self._probe_timeout)
+                await asyncio.wait([self._fence_task], timeout=self._settings.probe_timeout)
             tasks.append(self._fence_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._notify()
         if self._background:
-            await asyncio.wait(list(self._background), timeout=self._release_timeout + 1)
+            await asyncio.wait(list(self._background), timeout=self._settings.release_timeout + 1)
         for rt in self._runtimes:
             rt.task = None
             try:
-                await rt.close(self._release_timeout + 1)
+                await rt.close(self._settings.release_timeout + 1)
             except Exception:
                 pass  # the pool was terminated instead; keep closing the others
         for task in list(self._background):
@@ -806,7 +719,7 @@ class FailoverClient(Instrumented):
         return self._call(
             _FETCH, query, args, timeout, record_class, write,
             (not write) if idempotent is None else idempotent,
-            "primary" if write else (route or self._read_route), after,
+            "primary" if write else (route or self._settings.read_route), after,
         )  # fmt: skip
 
     def fetchrow(
@@ -827,7 +740,7 @@ class FailoverClient(Instrumented):
         return self._call(
             _FETCHROW, query, args, timeout, record_class, write,
             (not write) if idempotent is None else idempotent,
-            "primary" if write else (route or self._read_route), after,
+            "primary" if write else (route or self._settings.read_route), after,
         )  # fmt: skip
 
     def fetchval(
@@ -848,7 +761,7 @@ class FailoverClient(Instrumented):
         return self._call(
             _FETCHVAL, query, args, timeout, column, write,
             (not write) if idempotent is None else idempotent,
-            "primary" if write else (route or self._read_route), after,
+            "primary" if write else (route or self._settings.read_route), after,
         )  # fmt: skip
 
     async def write_token(self) -> WriteToken:
@@ -931,7 +844,11 @@ class FailoverClient(Instrumented):
         token: WriteToken | None = None
         standby_ok = route == "prefer_standby" and not write
         if standby_ok:
-            token = after if after is not None else (self._token.get() if self._ryw else None)
+            token = (
+                after
+                if after is not None
+                else (self._token.get() if self._settings.read_your_writes else None)
+            )
         deadline: float | None = None
         tried: set[NodeRuntime] | None = None
         last: BaseException | None = None
@@ -946,7 +863,7 @@ class FailoverClient(Instrumented):
                 node = self._primary_rt
                 if node is None:
                     if deadline is None:
-                        deadline = self._now() + self._failover_timeout
+                        deadline = self._now() + self._settings.failover_timeout
                     node = await self._wait_primary(deadline, last)
             try:
                 return await node.breaker.call(
@@ -992,7 +909,7 @@ class FailoverClient(Instrumented):
                     raise QueryTimeoutError(
                         client=self._name,
                         node=node.name,
-                        timeout=self._command_timeout if timeout is None else timeout,
+                        timeout=self._settings.command_timeout if timeout is None else timeout,
                     ) from exc
                 elif not idempotent:
                     self._failed(node, kind.value, exc, retried=False)
@@ -1010,7 +927,7 @@ class FailoverClient(Instrumented):
             # Retry on the primary once the topology has caught up (or shortly anyway).
             now = self._now()
             if deadline is None:
-                deadline = now + self._failover_timeout
+                deadline = now + self._settings.failover_timeout
             if now >= deadline:
                 raise self._no_primary(deadline, last)
             self._retries += 1
@@ -1077,7 +994,7 @@ class FailoverClient(Instrumented):
                 result = None
             else:
                 result = await conn.fetchval(_TOKEN_SQL, timeout=timeout)
-            if write and self._ryw:
+            if write and self._settings.read_your_writes:
                 await self._take_token(conn, node)
         except BaseException as exc:
             if isinstance(exc, NotSent):
@@ -1090,7 +1007,7 @@ class FailoverClient(Instrumented):
                 # The statement is being cancelled: let it go back to the pool (or be closed)
                 # in the background, and raise now.
                 inline = False
-                self._spawn(self._release(node, pool, conn, self._release_timeout))
+                self._spawn(self._release(node, pool, conn, self._settings.release_timeout))
             elif kind in NODE_FAILURES:
                 terminate(conn)
                 gone = gone_error(exc, conn)
@@ -1118,7 +1035,7 @@ class FailoverClient(Instrumented):
             return NotSent("fenced", exc)
         if isinstance(exc, AcquireExpired):
             error = AcquireTimeoutError(
-                client=self._name, node=node.name, timeout=self._acquire_timeout
+                client=self._name, node=node.name, timeout=self._settings.acquire_timeout
             )
             return NotSent("acquire_timeout", error)
         return NotSent("connect", exc)
@@ -1174,12 +1091,14 @@ class FailoverClient(Instrumented):
                     raise NoPrimaryError(
                         client=self._name,
                         reason="all_nodes_down",
-                        retry_after=self._monitor_interval,
+                        retry_after=self._settings.monitor_interval,
                     ) from last
                 if self._now() >= deadline:
                     raise self._no_primary(deadline, last)
                 self._wake_all()
-                await self._wait_changed(min(deadline - self._now(), self._fast_interval * 4))
+                await self._wait_changed(
+                    min(deadline - self._now(), self._settings.fast_interval * 4)
+                )
         finally:
             self._waiting -= 1
 
@@ -1219,7 +1138,7 @@ class FailoverClient(Instrumented):
                             break  # the trial failed: the breaker opened again
                         if breaker.retry_after() == 0.0:
                             return
-                        await self._clock.sleep(min(self._fast_interval, remaining))
+                        await self._clock.sleep(min(self._settings.fast_interval, remaining))
                         remaining = deadline - self._now()
                 finally:
                     self._waiting -= 1
@@ -1235,7 +1154,7 @@ class FailoverClient(Instrumented):
         self._errors["no_primary"] += 1
         topo = self._topology
         ro = topo.read_only_primary
-        waited = self._failover_timeout + self._now() - deadline
+        waited = self._settings.failover_timeout + self._now() - deadline
         error = NoPrimaryError(
             client=self._name,
             reason="read_only" if ro is not None else "timeout",
@@ -1253,7 +1172,7 @@ class FailoverClient(Instrumented):
             self._wake_all()
             remaining = deadline - self._now()
             if remaining > 0:
-                await self._wait_changed(min(remaining, self._fast_interval * 4))
+                await self._wait_changed(min(remaining, self._settings.fast_interval * 4))
         finally:
             self._waiting -= 1
 
@@ -1331,7 +1250,7 @@ class FailoverClient(Instrumented):
         if known is not None and known >= token.lsn:
             self._ryw_counts["replayed"] += 1
             return
-        deadline = self._now() + self._ryw_timeout
+        deadline = self._now() + self._settings.ryw_timeout
         delay = 0.002
         while True:
             replayed = await conn.fetchval("SELECT pg_last_wal_replay_lsn()")
@@ -1349,18 +1268,18 @@ class FailoverClient(Instrumented):
 
     async def _monitor(self, rt: NodeRuntime) -> None:
         loop = asyncio.get_running_loop()
-        bound = self._connect_timeout + self._probe_timeout + 1.0
+        bound = self._settings.connect_timeout + self._settings.probe_timeout + 1.0
         last_start = -math.inf
         while self._state == _RUNNING:
             # Never probe in a tight loop, whatever the hints; but confirm a role change at
             # once: a standby's promotion is one-way, and writers are waiting for it.
-            gap = self._fast_interval - (loop.time() - last_start)
+            gap = self._settings.fast_interval - (loop.time() - last_start)
             if gap > 0 and rt.state.pending_role is None:
                 await asyncio.sleep(gap)
             rt.wake.clear()
             last_start = loop.time()
             try:
-                observation = await asyncio.wait_for(rt.probe(self._probe_timeout), bound)
+                observation = await asyncio.wait_for(rt.probe(self._settings.probe_timeout), bound)
                 error = None
             except asyncio.CancelledError:
                 raise
@@ -1371,7 +1290,7 @@ class FailoverClient(Instrumented):
             await self._apply(events)
             if observation is None and was_primary:
                 self._wake_all()  # the primary does not answer: look for a promoted standby
-            if self._auto_promote:
+            if self._settings.auto_promote:
                 self._maybe_promote()
             if rt.state.pending_role is not None:
                 continue
@@ -1390,16 +1309,16 @@ class FailoverClient(Instrumented):
             or (st.reachable is False and st.ok_streak > 0)
         )
         if confirming or self._waiting:
-            return self._fast_interval
+            return self._settings.fast_interval
         if st.reachable is False:
             # Down: look again soon (a restart is quick), then back off to the normal pace.
-            backoff = self._fast_interval * 2.0 ** min(st.fail_streak, 16)
-            return min(self._monitor_interval, backoff)
+            backoff = self._settings.fast_interval * 2.0 ** min(st.fail_streak, 16)
+            return min(self._settings.monitor_interval, backoff)
         if topo.primary is None and not topo.all_down:
-            return self._fast_interval  # a standby may be promoted any moment
-        if self._now() - self._last_hint < self._monitor_interval:
-            return self._fast_interval
-        return self._monitor_interval
+            return self._settings.fast_interval  # a standby may be promoted any moment
+        if self._now() - self._last_hint < self._settings.monitor_interval:
+            return self._settings.fast_interval
+        return self._settings.monitor_interval
 
     async def _apply(self, events: list[Any]) -> None:
         topo = self._topology
@@ -1434,48 +1353,39 @@ class FailoverClient(Instrumented):
         ):  # fmt: skip
             return
         if topo.floor_pending:
-            self._fence_task = asyncio.create_task(self._load_floor(sysid))
+            self._fence_task = asyncio.create_task(self._fence_io(sysid, None))
         elif topo.max_timeline > self._fence_saved:
-            self._fence_task = asyncio.create_task(self._save_floor(sysid, topo.max_timeline))
+            self._fence_task = asyncio.create_task(self._fence_io(sysid, topo.max_timeline))
 
-    async def _load_floor(self, sysid: int) -> None:
+    async def _fence_io(self, sysid: int, save: int | None) -> None:
+        """Load the record (``save`` is ``None``) or save timeline ``save`` to it, bounded."""
         record = self._fencing
         assert record is not None
+        timeline: int | None = save
         try:
-            timeline = await asyncio.wait_for(record.load(sysid), self._probe_timeout)
-            if timeline is not None and (isinstance(timeline, bool) or timeline < 1):
-                raise ValueError(f"the record holds timeline {timeline!r}")
+            io: Awaitable[int | None] = (
+                record.load(sysid) if save is None else record.save(sysid, save)
+            )
+            loaded = await asyncio.wait_for(io, self._settings.probe_timeout)
+            if save is None:
+                timeline = loaded
+                if timeline is not None and (isinstance(timeline, bool) or timeline < 1):
+                    raise ValueError(f"the record holds timeline {timeline!r}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fence_retry_at = self._now() + self._monitor_interval
+            self._fence_retry_at = self._now() + self._settings.monitor_interval
+            action = "load" if save is None else "save"
             self._emit(
-                PostgresFencingRecordFailed(name=self._name, action="load", timeline=None,
+                PostgresFencingRecordFailed(name=self._name, action=action, timeline=save,
                                             error=exc)
             )  # fmt: skip
             return
         finally:
             self._fence_task = None
-        self._fence_saved = timeline or 0
-        await self._apply(self._topology.set_timeline_floor(timeline))
-
-    async def _save_floor(self, sysid: int, timeline: int) -> None:
-        record = self._fencing
-        assert record is not None
-        try:
-            await asyncio.wait_for(record.save(sysid, timeline), self._probe_timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._fence_retry_at = self._now() + self._monitor_interval
-            self._emit(
-                PostgresFencingRecordFailed(name=self._name, action="save", timeline=timeline,
-                                            error=exc)
-            )  # fmt: skip
-            return
-        finally:
-            self._fence_task = None
-        self._fence_saved = max(self._fence_saved, timeline)
+        self._fence_saved = max(self._fence_saved, timeline or 0)
+        if save is None:
+            await self._apply(self._topology.set_timeline_floor(timeline))
 
     def _notify(self) -> None:
         event = self._changed
@@ -1490,7 +1400,10 @@ class FailoverClient(Instrumented):
             return
         gap = topo.no_primary_for()
         now = self._now()
-        if gap < self._promote_after or now - self._last_promotion < self._promote_after:
+        if (
+            gap < self._settings.promote_after
+            or now - self._last_promotion < self._settings.promote_after
+        ):
             return
         candidate = topo.promotion_candidate()
         if candidate is None:
@@ -1500,7 +1413,7 @@ class FailoverClient(Instrumented):
 
     async def _promote(self, rt: NodeRuntime) -> None:
         try:
-            ok = await rt.promote(self._failover_timeout)
+            ok = await rt.promote(self._settings.failover_timeout)
             error: BaseException | None = None
         except asyncio.CancelledError:
             raise
@@ -1533,12 +1446,12 @@ class FailoverClient(Instrumented):
         if refresh and self._state == _RUNNING:
             generations = [rt.state.observed_at for rt in self._runtimes]
             self._wake_all()
-            deadline = self._now() + self._connect_timeout + self._probe_timeout
+            deadline = self._now() + self._settings.connect_timeout + self._settings.probe_timeout
             while self._now() < deadline and any(
                 rt.state.observed_at == g and rt.state.last_error is None
                 for rt, g in zip(self._runtimes, generations)
             ):
-                await self._wait_changed(min(self._fast_interval, deadline - self._now()))
+                await self._wait_changed(min(self._settings.fast_interval, deadline - self._now()))
         topo = self._topology
         nodes = []
         for rt in self._runtimes:

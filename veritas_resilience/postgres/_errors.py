@@ -308,3 +308,17 @@ def sent_nothing(exc: BaseException) -> bool:
 def _is_closed_error(exc: BaseException) -> bool:
     text = str(exc)
     return "closed" in text or "connection was lost" in text or "terminat" in text
+
+
+def breaker_failure(exc: BaseException) -> bool:
+    """Whether an error counts as a failure for the node's breaker (the node or link fails)."""
+    if isinstance(exc, NotSent):
+        return exc.kind == "connect"
+    return classify(exc) in NODE_FAILURES
+
+
+def breaker_ignored(exc: BaseException) -> bool:
+    """Whether the node's breaker ignores an error (neither success nor failure of the node)."""
+    if isinstance(exc, NotSent):
+        return exc.kind != "connect"
+    return classify(exc) is Kind.READ_ONLY

@@ -277,7 +277,7 @@ class Session:
                 node = client._primary_rt
                 if node is None:
                     if deadline is None:
-                        deadline = client._now() + client._failover_timeout
+                        deadline = client._now() + client._settings.failover_timeout
                     node = await client._wait_primary(deadline, last)
             try:
                 held = await node.breaker.call(self._open, node, on_standby)
@@ -303,7 +303,7 @@ class Session:
                 return Guarded(held.conn, held)
             now = client._now()
             if deadline is None:
-                deadline = now + client._failover_timeout
+                deadline = now + client._settings.failover_timeout
             if now >= deadline:
                 raise client._no_primary(deadline, last)
             client._retries += 1
@@ -339,7 +339,7 @@ class Session:
                 raise NotSent("stale", exc) from exc
             kind = classify_on(exc, conn) if isinstance(exc, Exception) else None
             if kind is Kind.SQL or kind is None:
-                client._spawn(client._release(node, pool, conn, client._release_timeout))
+                client._spawn(client._release(node, pool, conn, client._settings.release_timeout))
                 raise
             terminate(conn)
             await client._release(node, pool, conn, None)
@@ -369,7 +369,7 @@ class Session:
                 return
             if not isinstance(exc, Exception):
                 inline = False  # cancelled: give it back in the background, bounded
-                client._spawn(client._release(node, pool, conn, client._release_timeout))
+                client._spawn(client._release(node, pool, conn, client._settings.release_timeout))
                 return
             mapped = held.map(exc, from_driver=False)  # a driver error that escaped the wrappers
             if held.gone:
@@ -421,5 +421,5 @@ class Session:
             raise CommitOutcomeUnknownError(
                 client=client._name, node=node.name, reason=reason
             ) from exc
-        if client._ryw:
+        if client._settings.read_your_writes:
             await client._take_token(conn, node)
