@@ -862,9 +862,7 @@ class FailoverClient(Instrumented):
             if node is None:
                 node = self._primary_rt
                 if node is None:
-                    if deadline is None:
-                        deadline = self._now() + self._settings.failover_timeout
-                    node = await self._wait_primary(deadline, last)
+                    node, deadline = await self._wait_for_primary(deadline, last)
             try:
                 return await node.breaker.call(
                     self._attempt_fn, node, op, query, args, timeout, extra, write,
@@ -925,13 +923,7 @@ class FailoverClient(Instrumented):
                         tried = add_tried(tried, node)
                         continue
             # Retry on the primary once the topology has caught up (or shortly anyway).
-            now = self._now()
-            if deadline is None:
-                deadline = now + self._settings.failover_timeout
-            if now >= deadline:
-                raise self._no_primary(deadline, last)
-            self._retries += 1
-            await self._await_change(version, deadline)
+            deadline = await self._retry_later(version, deadline, last)
 
     async def _attempt(
         self,
@@ -1149,6 +1141,28 @@ class FailoverClient(Instrumented):
             retry_after=breaker.retry_after(),
             node=node.name,
         ) from exc
+
+    async def _wait_for_primary(
+        self, deadline: float | None, last: BaseException | None
+    ) -> tuple[NodeRuntime, float]:
+        """Wait for a writable primary; the call's deadline starts now if it has none yet."""
+        if deadline is None:
+            deadline = self._now() + self._settings.failover_timeout
+        return await self._wait_primary(deadline, last), deadline
+
+    async def _retry_later(
+        self, version: int, deadline: float | None, last: BaseException | None
+    ) -> float:
+        """Before a call tries again: wait for the topology to change (briefly), within the
+        call's deadline (which starts now if it has none yet); past it, raise."""
+        now = self._now()
+        if deadline is None:
+            deadline = now + self._settings.failover_timeout
+        if now >= deadline:
+            raise self._no_primary(deadline, last)
+        self._retries += 1
+        await self._await_change(version, deadline)
+        return deadline
 
     def _no_primary(self, deadline: float, last: BaseException | None) -> BaseException:
         self._errors["no_primary"] += 1

@@ -276,9 +276,7 @@ class Session:
             if node is None:
                 node = client._primary_rt
                 if node is None:
-                    if deadline is None:
-                        deadline = client._now() + client._settings.failover_timeout
-                    node = await client._wait_primary(deadline, last)
+                    node, deadline = await client._wait_for_primary(deadline, last)
             try:
                 held = await node.breaker.call(self._open, node, on_standby)
             except NotSent as exc:
@@ -301,13 +299,7 @@ class Session:
             else:
                 self._held = held
                 return Guarded(held.conn, held)
-            now = client._now()
-            if deadline is None:
-                deadline = now + client._settings.failover_timeout
-            if now >= deadline:
-                raise client._no_primary(deadline, last)
-            client._retries += 1
-            await client._await_change(version, deadline)
+            deadline = await client._retry_later(version, deadline, last)
 
     async def _open(self, node: NodeRuntime, on_standby: bool) -> Held:
         client = self._client
