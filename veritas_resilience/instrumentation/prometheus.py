@@ -226,6 +226,7 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience._fallback",
     "veritas_resilience.postgres._client",
     "veritas_resilience.redis._events",
+    "veritas_resilience.health._registry",
 )
 """Every module of the library that declares metric families (importing them declares them all)."""
 
