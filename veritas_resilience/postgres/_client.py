@@ -819,8 +819,10 @@ class FailoverClient(Instrumented):
 
         Raises:
             NoPrimaryError, SplitBrainError: When entering, as for :meth:`execute`.
-            NodeFencedError, ConnectionLostError, CommitOutcomeUnknownError, QueryTimeoutError,
-                NotPrimaryError: From the block's statements, as for :meth:`transaction`.
+            PostgresError: From the block's statements (:class:`NodeFencedError`,
+                :class:`ConnectionLostError`, :class:`CommitOutcomeUnknownError`,
+                :class:`QueryTimeoutError`, :class:`NotPrimaryError`), as for
+                :meth:`transaction`.
         """
         return Session(self, route, None)
 
