@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from veritas_resilience.postgres import FailoverClient, FencingRecord, FileFencingRecord
+from veritas_resilience.testing import LocalPostgresCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -48,3 +49,28 @@ def test_the_client_refuses_what_is_not_a_record() -> None:
     """fencing_record must have async load() and save(): a TypeError naming it otherwise."""
     with pytest.raises(TypeError, match="fencing_record"):
         FailoverClient([("127.0.0.1", 5432)], fencing_record="/tmp/fence.json")  # type: ignore[arg-type]
+
+
+class SlowRecord:
+    """A record whose saves take a while (a remote store), counting what it got."""
+
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+
+    async def load(self, system_identifier: int) -> int | None:
+        return None
+
+    async def save(self, system_identifier: int, timeline: int) -> None:
+        await asyncio.sleep(0.2)
+        self.saved.append(timeline)
+
+
+async def test_closing_waits_for_a_timeline_being_saved(pg_cluster: LocalPostgresCluster) -> None:
+    """A client closed while it saves its timeline lets the save finish (bounded by
+    probe_timeout) and closes cleanly."""
+    record = SlowRecord()
+    db = FailoverClient([pg_cluster.primary.dsn], fencing_record=record, hooks=[])
+    await db.start()
+    assert await db.fetchval("SELECT 1") == 1
+    await db.close()
+    assert record.saved == [1]

@@ -603,11 +603,12 @@ class FailoverClient(Instrumented):
         tasks = [rt.task for rt in self._runtimes if rt.task is not None]
         if self._promotion is not None:
             tasks.append(self._promotion)
-        if self._fence_task is not None:
+        fence = self._fence_task
+        if fence is not None:
             if not self._topology.floor_pending:
                 # A timeline being saved is worth its bounded wait: another client may need it.
-                await asyncio.wait([self._fence_task], timeout=self._settings.probe_timeout)
-            tasks.append(self._fence_task)
+                await asyncio.wait([fence], timeout=self._settings.probe_timeout)
+            tasks.append(fence)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
