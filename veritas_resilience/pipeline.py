@@ -13,21 +13,23 @@ outermost first::
   stops the retries (unless it reopens before the next wait).
 - **circuit breaker** wraps the bulkhead: an open breaker rejects at once, without queueing.
 - **bulkhead** wraps the timeout: time spent queueing for a slot is not charged to the call.
-- **timeout** is innermost: each attempt gets the full time, and each expiry is one failure for
+- **timeout** comes next: each attempt gets the full time, and each expiry is one failure for
   the breaker and one retryable ``TimeoutError`` for the retry (counted once by each).
+- **chaos** (:mod:`veritas_resilience.chaos` injectors), when given, is innermost: an injected
+  fault or delay reaches every policy exactly as a real one would.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
+from . import _hooks, _validate
 from ._fallback import FallbackChain, FallbackStep, StaleCache
 from ._validate import Seconds
 from .circuit_breaker import CircuitBreaker
-from .limits import Bulkhead, Timeout, _name, _require_async
+from .limits import Bulkhead, Timeout
 from .retry import Retry
 
 __all__ = ["ORDER", "Pipeline"]
@@ -36,9 +38,37 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ORDER = ("fallback", "retry", "circuit_breaker", "bulkhead", "timeout")
-"""The order policies are applied in, outermost first."""
+"""The order policies are applied in, outermost first (chaos injectors, if any, go inside)."""
+_KINDS = (*ORDER, "chaos")
 
-_pipeline_names = itertools.count(1)
+
+class ChaosStep(Protocol):
+    """What ``Pipeline(chaos=...)`` takes: a named decorator, such as a chaos injector."""
+
+    @property
+    def name(self) -> str:
+        """The step's name."""
+        ...
+
+    def __call__(self, fn: Callable[..., Awaitable[Any]], /) -> Callable[..., Awaitable[Any]]:
+        """Wrap ``fn``."""
+        ...
+
+
+class _ChaosSteps:
+    """Several chaos steps applied in the order given, the first outermost."""
+
+    def __init__(self, steps: Sequence[ChaosStep]) -> None:
+        for step in steps:
+            if not (callable(step) and isinstance(getattr(step, "name", None), str)):
+                raise TypeError(f"chaos steps must be injectors (named decorators), got {step!r}")
+        self.steps = tuple(steps)
+        self.name = "+".join(step.name for step in self.steps)
+
+    def __call__(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        for step in reversed(self.steps):
+            fn = step(fn)
+        return fn
 
 
 class Pipeline:
@@ -63,13 +93,17 @@ class Pipeline:
 
     Args:
         name: Names the policies built here from shorthands (``timeout=2.0``, ``bulkhead=10``,
-            ``fallback=[...]``); ``pipeline-N`` by default.
+            ``fallback=[...]``) and the policies given without a name of their own (a
+            ``CircuitBreaker()`` that would be ``breaker-N``, and the stale cache of the fallback
+            chain); ``pipeline-N`` by default, which renames nothing.
         fallback: A :class:`~veritas_resilience.FallbackChain`, or a sequence of steps
             to build one from.
         retry: A :class:`~veritas_resilience.retry.Retry`.
         breaker: A :class:`~veritas_resilience.CircuitBreaker`.
         bulkhead: A :class:`~veritas_resilience.limits.Bulkhead`, or its ``max_concurrent``.
         timeout: A :class:`~veritas_resilience.limits.Timeout`, or its seconds.
+        chaos: A :mod:`~veritas_resilience.chaos` injector or a list of them (the first
+            outermost), applied inside every other policy.
 
     Raises:
         TypeError: If a policy is of the wrong type.
@@ -87,8 +121,9 @@ class Pipeline:
         breaker: CircuitBreaker | None = None,
         bulkhead: Bulkhead | int | None = None,
         timeout: Timeout | Seconds | None = None,
+        chaos: ChaosStep | Sequence[ChaosStep] | None = None,
     ) -> None:
-        self._name = _name(name, "pipeline", _pipeline_names)
+        self._name = _validate.name(name, "pipeline")
         if fallback is not None and not isinstance(fallback, FallbackChain):
             if not isinstance(fallback, (list, tuple)):
                 raise TypeError(
@@ -100,16 +135,29 @@ class Pipeline:
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {breaker!r}")
         if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
-            bulkhead = Bulkhead(bulkhead, name=self._name)
+            bulkhead = Bulkhead(_validate.positive_int(bulkhead, "bulkhead"), name=self._name)
         if timeout is not None and not isinstance(timeout, Timeout):
-            timeout = Timeout(timeout, name=self._name)
+            timeout = Timeout(_validate.seconds(timeout, "timeout"), name=self._name)
+        chaos_steps = None
+        if chaos is not None:
+            chaos_steps = _ChaosSteps(
+                list(chaos) if isinstance(chaos, (list, tuple)) else [chaos]  # type: ignore[list-item]
+            )
         policies: list[tuple[str, Any]] = [
             (kind, policy)
-            for kind, policy in zip(ORDER, (fallback, retry, breaker, bulkhead, timeout))
+            for kind, policy in zip(
+                _KINDS, (fallback, retry, breaker, bulkhead, timeout, chaos_steps)
+            )
             if policy is not None
         ]
         if not policies:
             raise ValueError("a pipeline needs at least one policy (fallback, retry, breaker, ...)")
+        if name is not None:
+            # Parts the user left unnamed (``breaker-3``) take the pipeline's name, as the parts
+            # built from shorthands do: one name per dependency in metrics, logs and errors.
+            for _, policy in policies:
+                if isinstance(policy, _hooks.Instrumented):  # not the chaos steps (test-time)
+                    policy._adopt_name(self._name)  # a chain passes it on to its stale cache
         self._policies = tuple(policies)
         self._fallback = fallback
         self._retry = retry
@@ -168,7 +216,7 @@ class Pipeline:
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function with every policy, in order."""
-        _require_async(fn, "Pipeline")
+        _validate.require_async(fn, "Pipeline")
         wrapped: Callable[..., Any] = fn
         # Innermost first: each policy's decorator wraps what the ones inside it built.
         for _, policy in reversed(self._policies):

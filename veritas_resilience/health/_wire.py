@@ -11,6 +11,7 @@ from ._model import HealthReport, Observation
 __all__ = ["CONTENT_TYPE", "encode", "to_dict"]
 
 CONTENT_TYPE = "application/health+json"
+"""The media type of every health response (IETF draft-inadarei-api-health-check)."""
 
 
 def _iso(timestamp: float) -> str:
