@@ -15,6 +15,9 @@ The PostgreSQL and Redis clients live in ``veritas_resilience.postgres`` and
 
 from __future__ import annotations
 
+from ._adaptive import AdaptiveLimit as AdaptiveLimit
+from ._adaptive import AdaptiveLimitChanged as AdaptiveLimitChanged
+from ._adaptive import AdaptiveLimitRejected as AdaptiveLimitRejected
 from ._cache import MemoryStaleStore as MemoryStaleStore
 from ._cache import StaleStore as StaleStore
 from ._clock import Clock as Clock
@@ -31,8 +34,16 @@ from ._fallback import StaleStoreFailed as StaleStoreFailed
 from ._fallback import StaleValueServed as StaleValueServed
 from ._fallback import fallback as fallback
 from ._fallback import track_fallbacks as track_fallbacks
+from ._hedge import Hedge as Hedge
+from ._hedge import HedgeBudgetExhausted as HedgeBudgetExhausted
+from ._hedge import HedgeSkipped as HedgeSkipped
+from ._hedge import HedgeStarted as HedgeStarted
 from ._hooks import get_hooks as get_hooks
 from ._hooks import set_hooks as set_hooks
+from ._rate import RateLimiter as RateLimiter
+from ._rate import RateLimitRejected as RateLimitRejected
+from ._rate import RateLimitStoreFailed as RateLimitStoreFailed
+from ._rate import RateLimitStoreRecovered as RateLimitStoreRecovered
 from ._redact import redact as redact
 from ._redis_store import RedisStaleStore as RedisStaleStore
 from .circuit_breaker import BreakerSnapshot as BreakerSnapshot
@@ -43,6 +54,8 @@ from .circuit_breaker import ExponentialCircuitBreaker as ExponentialCircuitBrea
 from .circuit_breaker import FailureRate as FailureRate
 from .errors import BulkheadFullError as BulkheadFullError
 from .errors import CircuitOpenError as CircuitOpenError
+from .errors import ConcurrencyLimitError as ConcurrencyLimitError
+from .errors import RateLimitedError as RateLimitedError
 from .errors import ResilienceError as ResilienceError
 from .errors import ResilienceTimeoutError as ResilienceTimeoutError
 from .errors import RetryBudgetExhaustedError as RetryBudgetExhaustedError
@@ -73,6 +86,9 @@ from .retry import RetryScheduled as RetryScheduled
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLimit",
+    "AdaptiveLimitChanged",
+    "AdaptiveLimitRejected",
     "BreakerCallCancelled",
     "BreakerCallFailed",
     "BreakerCallIgnored",
@@ -89,6 +105,7 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Clock",
+    "ConcurrencyLimitError",
     "Event",
     "ExponentialBackoff",
     "ExponentialCircuitBreaker",
@@ -99,11 +116,20 @@ __all__ = [
     "FallbackStep",
     "FallbackTracker",
     "FallbackUse",
+    "Hedge",
+    "HedgeBudgetExhausted",
+    "HedgeSkipped",
+    "HedgeStarted",
     "Hook",
     "MemoryStaleStore",
     "MonotonicClock",
     "Pipeline",
     "PrometheusHook",
+    "RateLimitRejected",
+    "RateLimitStoreFailed",
+    "RateLimitStoreRecovered",
+    "RateLimitedError",
+    "RateLimiter",
     "RedisStaleStore",
     "ResilienceError",
     "ResilienceTimeoutError",

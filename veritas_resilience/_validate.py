@@ -7,7 +7,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeAlias
 
-__all__ = ["ExceptionMatcher", "Seconds", "matcher", "positive_int", "seconds"]
+__all__ = [
+    "ExceptionMatcher",
+    "Seconds",
+    "matcher",
+    "number",
+    "percent",
+    "positive_int",
+    "seconds",
+]
 
 ExceptionMatcher: TypeAlias = (
     "type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]"
@@ -37,6 +45,27 @@ def positive_int(value: int, field: str) -> int:
         raise TypeError(f"{field} must be an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{field} must be >= 1, got {value!r}")
+    return value
+
+
+def number(value: float, field: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float; raise if it is not a finite number > 0 (>= 0 if allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field} must be a finite number {allowed}, got {value!r}")
+    return value
+
+
+def percent(value: float, field: str) -> float:
+    """Return ``value``; raise if it is not a number between 0 and 100 (a percentage)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a percentage (a number from 0 to 100), got {value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 100.0:  # also rejects NaN
+        raise ValueError(f"{field} must be a percentage from 0 to 100, got {value!r}")
     return value
 
 

@@ -1,0 +1,393 @@
+"""An adaptive concurrency limit: find how many calls a dependency can take from its latency.
+
+:class:`AdaptiveLimit` is a bulkhead whose size is not configured but measured, after Netflix's
+concurrency-limits. Each call that ends adds a latency sample; the limit grows while latency stays
+near the no-load minimum and shrinks as soon as latency shows the dependency queueing work (or a
+call times out). Calls above the limit are rejected at once with
+:class:`~veritas_resilience.ConcurrencyLimitError` (a
+:class:`~veritas_resilience.BulkheadFullError`), never queued: a queue in front of an overloaded
+dependency only adds latency.
+
+Two algorithms, as in concurrency-limits:
+
+- ``"vegas"`` (TCP Vegas) estimates the dependency's queue as
+  ``limit * (1 - min_rtt / rtt)``: it adds ``6·log10(limit)`` while that queue is tiny, adds
+  ``log10(limit)`` while it is below ``3·log10(limit)``, and takes ``log10(limit)`` off when it
+  is above ``6·log10(limit)`` or a call timed out. The no-load ``min_rtt`` is re-learned every
+  so often, so a dependency that got slower for good is not mistaken for a queueing one.
+- ``"gradient"`` (Gradient2) compares each latency with a long-term average and multiplies the
+  limit by ``clamp(1.5 · long / short, 0.5, 1)``, plus a small headroom, smoothed.
+
+While the service sends less than half the limit (it is "application limited"), the limit holds:
+latency at low load says nothing about capacity.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import random
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, ParamSpec, TypeAlias, TypeVar
+
+from . import _hooks
+from ._clock import MONOTONIC, Clock
+from ._validate import ExceptionMatcher
+from ._validate import matcher as _matcher
+from ._validate import positive_int as _positive_int
+from .errors import ConcurrencyLimitError
+from .events import Event, Hook
+from .instrumentation.prometheus import HistogramValue, define_metric
+from .instrumentation.structlog import LOGGED_EVENTS
+from .limits import _name, _require_async
+
+__all__ = ["AdaptiveAlgorithm", "AdaptiveLimit", "AdaptiveLimitChanged", "AdaptiveLimitRejected"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+AdaptiveAlgorithm: TypeAlias = Literal["vegas", "gradient"]
+
+define_metric(
+    "veritas_adaptive_limit", "gauge", "The concurrency an adaptive limit allows now.", ("name",)
+)
+define_metric(
+    "veritas_adaptive_in_flight", "gauge", "Calls running under an adaptive limit.", ("name",)
+)
+define_metric(
+    "veritas_adaptive_min_rtt_seconds",
+    "gauge",
+    "The no-load latency an adaptive limit measures against (vegas), or its long-term average "
+    "latency (gradient).",
+    ("name",),
+)
+define_metric(
+    "veritas_adaptive_calls",
+    "counter",
+    "Calls seen by an adaptive limit, by outcome: success, dropped (timed out: the limit "
+    "shrinks), ignored (another error: no sample), cancelled, rejected.",
+    ("name", "outcome"),
+)
+
+_OUTCOMES = ("success", "dropped", "ignored", "cancelled", "rejected")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptiveLimitChanged(Event):
+    """An adaptive limit moved by a tenth or more since it was last reported.
+
+    Attributes:
+        old_limit: The limit last reported.
+        new_limit: The limit now.
+        rtt: The latency sample (seconds) that moved it.
+        baseline: The latency it was compared with: the no-load minimum (vegas) or the
+            long-term average (gradient).
+    """
+
+    kind: ClassVar[str] = "adaptive_limit"
+    old_limit: int
+    new_limit: int
+    rtt: float
+    baseline: float
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """Info: the dependency's measured capacity changed."""
+        return (
+            "info",
+            "adaptive_limit_changed",
+            {
+                "adaptive_limit": self.name,
+                "old_limit": self.old_limit,
+                "new_limit": self.new_limit,
+                "rtt": round(self.rtt, 6),
+                "baseline": round(self.baseline, 6),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptiveLimitRejected(Event):
+    """An adaptive limit rejected a call.
+
+    Attributes:
+        limit: The limit at the time.
+    """
+
+    kind: ClassVar[str] = "adaptive_limit"
+    limit: int
+
+
+LOGGED_EVENTS.add(AdaptiveLimitChanged)
+
+_limit_names = itertools.count(1)
+
+# Gradient2's long-term average: an exponential average over this many samples (after a warm-up
+# of plain averaging over the first few).
+_LONG_WINDOW = 600
+_WARMUP = 10
+
+
+class AdaptiveLimit(_hooks.Instrumented):
+    """A concurrency limit learned from latency; calls above it are rejected at once.
+
+    Use it as a decorator or with :meth:`call`, in front of a dependency that slows down when it
+    is given more work than it can do::
+
+        search_limit = AdaptiveLimit(name="search", initial_limit=20, max_limit=500)
+
+        @search_limit
+        async def search(query: str) -> list[str]: ...
+
+    A call that succeeds gives the limit a latency sample. A call that fails with an error in
+    ``drop_on`` (timeouts by default) counts as a sign of overload and shrinks the limit; other
+    errors give no sample (a fast "not found" says nothing about capacity), and a cancelled call
+    just gives its slot back.
+
+    Like :class:`~veritas_resilience.Bulkhead`, it belongs to one event loop; its counters are
+    not locked.
+
+    Args:
+        algorithm: ``"vegas"`` (the default) or ``"gradient"``; see the module docs.
+        initial_limit: The limit (>= 1) to start from.
+        min_limit: The limit never goes below this (>= 1).
+        max_limit: The limit never goes above this (>= ``min_limit``).
+        smoothing: How much of each computed change is applied (0 < smoothing <= 1); the
+            default is 1.0 for vegas and 0.2 for gradient, as in concurrency-limits.
+        drop_on: Errors that mean "overloaded" (shrink the limit); ``TimeoutError`` by default.
+        name: Used in errors, events and metric labels; ``adaptive-limit-N`` by default.
+        clock: Time source; :class:`~veritas_resilience.testing.FakeClock` in tests.
+        hooks: Hooks for this limit only; the process-wide defaults when None.
+
+    Raises:
+        ValueError: If a setting is outside its allowed range (the message names it).
+    """
+
+    def __init__(
+        self,
+        *,
+        algorithm: AdaptiveAlgorithm = "vegas",
+        initial_limit: int = 20,
+        min_limit: int = 1,
+        max_limit: int = 1000,
+        smoothing: float | None = None,
+        drop_on: ExceptionMatcher = TimeoutError,
+        name: str | None = None,
+        clock: Clock = MONOTONIC,
+        hooks: Sequence[Hook] | None = None,
+    ) -> None:
+        if algorithm not in ("vegas", "gradient"):
+            raise ValueError(f"algorithm must be 'vegas' or 'gradient', got {algorithm!r}")
+        self._algorithm: AdaptiveAlgorithm = algorithm
+        self._min = _positive_int(min_limit, "min_limit")
+        self._max = _positive_int(max_limit, "max_limit")
+        if self._max < self._min:
+            raise ValueError(f"max_limit must be >= min_limit ({self._min}), got {max_limit!r}")
+        initial = _positive_int(initial_limit, "initial_limit")
+        if not self._min <= initial <= self._max:
+            raise ValueError(
+                f"initial_limit must be between min_limit ({self._min}) and max_limit "
+                f"({self._max}), got {initial_limit!r}"
+            )
+        if smoothing is None:
+            smoothing = 1.0 if algorithm == "vegas" else 0.2
+        if (
+            isinstance(smoothing, bool)
+            or not isinstance(smoothing, (int, float))
+            or not 0 < smoothing <= 1
+        ):
+            raise ValueError(f"smoothing must be > 0 and <= 1, got {smoothing!r}")
+        self._smoothing = float(smoothing)
+        drop = _matcher(drop_on, "drop_on")
+        assert drop is not None
+        self._is_drop = drop
+        self._name = _name(name, "adaptive-limit", _limit_names)
+        self._now = clock.monotonic
+        self._estimate = float(initial)
+        self._limit = initial
+        self._reported = initial
+        self._in_flight = 0
+        self._counts = dict.fromkeys(_OUTCOMES, 0)
+        # vegas
+        self._min_rtt = 0.0
+        self._rng = random.Random(0)  # the probe jitter: deterministic, so runs are repeatable
+        self._probe_jitter = self._rng.uniform(0.5, 1.0)
+        self._probe_count = 0
+        # gradient
+        self._long_rtt = 0.0
+        self._long_samples = 0
+        self._init_hooks(hooks)
+
+    @property
+    def name(self) -> str:
+        """The limit's name."""
+        return self._name
+
+    @property
+    def algorithm(self) -> AdaptiveAlgorithm:
+        """``"vegas"`` or ``"gradient"``."""
+        return self._algorithm
+
+    @property
+    def limit(self) -> int:
+        """Calls allowed at once, as of now."""
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        """Calls running now."""
+        return self._in_flight
+
+    @property
+    def baseline(self) -> float:
+        """The latency samples are compared with: no-load minimum (vegas), long average
+        (gradient); 0.0 before the first sample."""
+        return self._min_rtt if self._algorithm == "vegas" else self._long_rtt
+
+    def counts(self) -> dict[str, int]:
+        """Calls by outcome: success, dropped, ignored, cancelled, rejected."""
+        return dict(self._counts)
+
+    def __repr__(self) -> str:
+        return (
+            f"<AdaptiveLimit {self._name!r} {self._algorithm} {self._in_flight}/{self._limit} "
+            f"in flight>"
+        )
+
+    def _on_hooks_changed(self) -> None:
+        self._w_rejected = self._hookset.wants(AdaptiveLimitRejected)
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def _admit(self) -> tuple[float, int]:
+        """Take a slot: return (start time, calls in flight including this one), or raise."""
+        if self._in_flight >= self._limit:
+            self._counts["rejected"] += 1
+            if self._w_rejected:
+                self._emit(AdaptiveLimitRejected(name=self._name, limit=self._limit))
+            raise ConcurrencyLimitError(self._name, self._limit)
+        self._in_flight += 1
+        return self._now(), self._in_flight
+
+    def _finish(self, start: float, in_flight: int, outcome: str) -> None:
+        """Give the slot back and, for a success or a drop, learn from the call's latency."""
+        self._in_flight -= 1
+        self._counts[outcome] += 1
+        if outcome == "success":
+            self._sample(self._now() - start, in_flight, dropped=False)
+        elif outcome == "dropped":
+            self._sample(self._now() - start, in_flight, dropped=True)
+
+    def _sample(self, rtt: float, in_flight: int, *, dropped: bool) -> None:
+        if rtt <= 0.0:
+            return
+        if self._algorithm == "vegas":
+            estimate = self._vegas(rtt, in_flight, dropped)
+        else:
+            estimate = self._gradient(rtt, in_flight)
+        if estimate is None:
+            return
+        estimate = min(float(self._max), max(float(self._min), estimate))
+        self._estimate = estimate = (
+            1 - self._smoothing
+        ) * self._estimate + self._smoothing * estimate
+        limit = max(self._min, min(self._max, int(estimate)))
+        self._limit = limit
+        reported = self._reported
+        if abs(limit - reported) * 10 >= reported and limit != reported:
+            self._reported = limit
+            self._emit(
+                AdaptiveLimitChanged(
+                    name=self._name,
+                    old_limit=reported,
+                    new_limit=limit,
+                    rtt=rtt,
+                    baseline=self.baseline,
+                )
+            )
+
+    def _vegas(self, rtt: float, in_flight: int, dropped: bool) -> float | None:
+        estimate = self._estimate
+        # Every so often forget the no-load latency, so that a dependency that became slower
+        # for good (not busier) is measured against its new normal.
+        self._probe_count += 1
+        if self._probe_count >= self._probe_jitter * 30 * estimate:
+            self._probe_count = 0
+            self._probe_jitter = self._rng.uniform(0.5, 1.0)
+            self._min_rtt = rtt
+            return None
+        if self._min_rtt == 0.0 or rtt < self._min_rtt:
+            self._min_rtt = rtt
+            return None
+        log = max(1.0, math.log10(estimate))
+        if dropped:
+            return estimate - log
+        if in_flight * 2 < estimate:
+            return None  # application limited: low load says nothing about capacity
+        queue = math.ceil(estimate * (1 - self._min_rtt / rtt))
+        if queue <= log:
+            return estimate + 6 * log
+        if queue < 3 * log:
+            return estimate + log
+        if queue > 6 * log:
+            return estimate - log
+        return None
+
+    def _gradient(self, rtt: float, in_flight: int) -> float | None:
+        estimate = self._estimate
+        self._long_samples += 1
+        if self._long_samples <= _WARMUP:
+            self._long_rtt += (rtt - self._long_rtt) / self._long_samples
+        else:
+            self._long_rtt += (rtt - self._long_rtt) * (2 / (_LONG_WINDOW + 1))
+        long_rtt = self._long_rtt
+        if long_rtt / rtt > 2:
+            # Latency fell well below the long average (the dependency recovered): let the
+            # average come down faster than the window alone would.
+            self._long_rtt = long_rtt = long_rtt * 0.95
+        if in_flight * 2 < estimate:
+            return None
+        gradient = max(0.5, min(1.0, 1.5 * long_rtt / rtt))
+        return estimate * gradient + 4
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` if the limit has room.
+
+        Raises:
+            ConcurrencyLimitError: If the limit is reached; ``fn`` is not called.
+        """
+        start, in_flight = self._admit()
+        outcome = "cancelled"
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            outcome = "dropped" if self._is_drop(exc) else "ignored"
+            raise
+        else:
+            outcome = "success"
+            return result
+        finally:
+            self._finish(start, in_flight, outcome)
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an ``async def`` function so every call runs under the limit."""
+        _require_async(fn, "AdaptiveLimit")
+        call = self.call
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await call(fn, *args, **kwargs)
+
+        wrapper.adaptive_limit = self  # type: ignore[attr-defined]
+        return wrapper
+
+    def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
+        name = (self._name,)
+        yield "veritas_adaptive_limit", name, float(self._limit)
+        yield "veritas_adaptive_in_flight", name, float(self._in_flight)
+        yield "veritas_adaptive_min_rtt_seconds", name, self.baseline
+        for outcome, count in self._counts.items():
+            yield "veritas_adaptive_calls", (self._name, outcome), float(count)
