@@ -29,7 +29,14 @@ from prometheus_client.registry import Collector
 
 from ..events import Event
 
-__all__ = ["HistogramValue", "PrometheusHook", "define_metric"]
+__all__ = [
+    "METRIC_MODULES",
+    "HistogramValue",
+    "MetricDescription",
+    "PrometheusHook",
+    "define_metric",
+    "describe_metrics",
+]
 
 MetricType = Literal["counter", "gauge", "histogram"]
 
@@ -183,3 +190,60 @@ def cumulative_buckets(bounds: Sequence[float], counts: Sequence[int]) -> list[t
 
 def _format_bound(bound: float) -> str:
     return repr(float(bound))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDescription:
+    """One metric family the library exports: what the metrics reference lists.
+
+    Attributes:
+        name: The family's name; counters are exposed as ``<name>_total``, histograms as
+            ``<name>_bucket``, ``<name>_sum`` and ``<name>_count``.
+        type: ``"counter"``, ``"gauge"`` or ``"histogram"``.
+        documentation: The help text shown in the exposition.
+        labels: The label names, in order.
+    """
+
+    name: str
+    type: MetricType
+    documentation: str
+    labels: tuple[str, ...]
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """The sample names Prometheus stores for this family."""
+        if self.type == "counter":
+            return (f"{self.name}_total",)
+        if self.type == "histogram":
+            return (f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
+        return (self.name,)
+
+
+METRIC_MODULES: tuple[str, ...] = (
+    "veritas_resilience.circuit_breaker",
+    "veritas_resilience.retry",
+    "veritas_resilience.limits",
+    "veritas_resilience._fallback",
+    "veritas_resilience.postgres._client",
+    "veritas_resilience.redis._events",
+)
+"""Every module of the library that declares metric families (importing them declares them all)."""
+
+
+def describe_metrics() -> list[MetricDescription]:
+    """Every metric family the library can export, sorted by name.
+
+    Imports each part of the library that declares metrics (the PostgreSQL and Redis clients
+    included, so their drivers are imported too).
+
+    Returns:
+        One :class:`MetricDescription` per family.
+    """
+    import importlib
+
+    for module in METRIC_MODULES:
+        importlib.import_module(module)
+    return [
+        MetricDescription(f.name, f.type, f.documentation, f.labels)
+        for f in sorted(_FAMILIES.values(), key=lambda f: f.name)
+    ]

@@ -10,6 +10,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 __all__ = ["Node", "NodeSpec", "Route", "nodes_from_dsn"]
 
 Route: TypeAlias = Literal["primary", "prefer_standby"]
+"""Where a read may go: only the primary (``'primary'``), or a standby within the lag limits, else
+the primary (``'prefer_standby'``)."""
 Route.__doc__ = (  # an alias has no docstring of its own; help() and doc tools read this one
     "Where a read may go: only the primary (``'primary'``), or a standby within the lag limits, "
     "else the primary (``'prefer_standby'``)."
