@@ -226,6 +226,9 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience._fallback",
     "veritas_resilience.postgres._client",
     "veritas_resilience.redis._events",
+    "veritas_resilience._rate",
+    "veritas_resilience._hedge",
+    "veritas_resilience._adaptive",
 )
 """Every module of the library that declares metric families (importing them declares them all)."""
 
