@@ -230,7 +230,8 @@ class Hedge(_hooks.Instrumented):
         self._max_attempts = _positive_int(max_attempts, "max_attempts")
         self._budget_percent = _percent(budget_percent, "budget_percent")
         self._ratio = self._budget_percent / 100.0
-        self._credit_cap = max(1.0, self._ratio * 100.0)
+        # Room for what a hundred calls earn, and at least one whole hedge (none at 0%).
+        self._credit_cap = max(1.0, self._ratio * 100.0) if self._ratio > 0 else 0.0
         self._credits = self._credit_cap
         self._budget_refused = False
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
