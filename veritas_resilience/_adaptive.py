@@ -14,7 +14,8 @@ Two algorithms, as in concurrency-limits:
   ``limit * (1 - min_rtt / rtt)``: it adds ``6·log10(limit)`` while that queue is tiny, adds
   ``log10(limit)`` while it is below ``3·log10(limit)``, and takes ``log10(limit)`` off when it
   is above ``6·log10(limit)`` or a call timed out. The no-load ``min_rtt`` is re-learned every
-  so often, so a dependency that got slower for good is not mistaken for a queueing one.
+  ``30 · limit`` samples or so (jittered) from the fastest call seen meanwhile, so a dependency
+  that got slower for good is not mistaken for a queueing one for long.
 - ``"gradient"`` (Gradient2) compares each latency with a long-term average and multiplies the
   limit by ``clamp(1.5 · long / short, 0.5, 1)``, plus a small headroom, smoothed.
 
@@ -214,6 +215,7 @@ class AdaptiveLimit(_hooks.Instrumented):
         self._rng = random.Random(0)  # the probe jitter: deterministic, so runs are repeatable
         self._probe_jitter = self._rng.uniform(0.5, 1.0)
         self._probe_count = 0
+        self._window_min = math.inf
         # gradient
         self._long_rtt = 0.0
         self._long_samples = 0
@@ -311,11 +313,16 @@ class AdaptiveLimit(_hooks.Instrumented):
         estimate = self._estimate
         # Every so often forget the no-load latency, so that a dependency that became slower
         # for good (not busier) is measured against its new normal.
+        # The reset takes the fastest latency seen since the last one, not the latest sample:
+        # under a steady overload some calls still meet no queue, and those show the baseline.
         self._probe_count += 1
+        if rtt < self._window_min:
+            self._window_min = rtt
         if self._probe_count >= self._probe_jitter * 30 * estimate:
             self._probe_count = 0
             self._probe_jitter = self._rng.uniform(0.5, 1.0)
-            self._min_rtt = rtt
+            self._min_rtt = self._window_min
+            self._window_min = math.inf
             return None
         if self._min_rtt == 0.0 or rtt < self._min_rtt:
             self._min_rtt = rtt
