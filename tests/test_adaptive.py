@@ -44,13 +44,13 @@ async def test_limit_grows_at_no_load_latency_and_shrinks_when_queueing_shows(
 ) -> None:
     """Steady latency lets the limit grow; latency that climbs with load makes it shrink."""
     limit = AdaptiveLimit(
-        algorithm=algorithm, initial_limit=20, max_limit=200, clock=clock, hooks=[]
+        algorithm=algorithm, initial_limit=10, max_limit=100, clock=clock, hooks=[]
     )
-    await rounds(limit, clock, 0.010, 5)
+    await rounds(limit, clock, 0.010, 40)
     grown = limit.limit
-    assert grown > 20
-    await rounds(limit, clock, 0.050, 2)  # five times slower: the dependency is queueing
-    assert limit.limit < grown / 2
+    assert grown >= 20
+    await rounds(limit, clock, 0.050, 10)  # five times slower: the dependency is queueing
+    assert limit.limit < grown * 0.75
 
 
 async def test_calls_above_the_limit_are_rejected_at_once(clock: FakeClock) -> None:
@@ -134,7 +134,7 @@ async def test_changes_are_reported_and_exported(
     limit = AdaptiveLimit(
         initial_limit=10, name="search", clock=clock, hooks=[recorder, PrometheusHook(registry)]
     )
-    await rounds(limit, clock, 0.01, 3)
+    await rounds(limit, clock, 0.01, 8)
     changes = recorder.of(AdaptiveLimitChanged)
     assert changes and changes[0].old_limit == 10 and changes[-1].new_limit == limit.limit
     assert changes[0].log_fields()[1] == "adaptive_limit_changed"

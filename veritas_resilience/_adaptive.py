@@ -12,13 +12,18 @@ Two algorithms, as in concurrency-limits:
 
 - ``"vegas"`` (TCP Vegas) estimates the dependency's queue as
   ``limit * (1 - min_rtt / rtt)``: it adds ``6·log10(limit)`` while that queue is tiny, adds
-  ``log10(limit)`` while it is below ``3·log10(limit)``, and takes ``log10(limit)`` off when it
-  is above ``6·log10(limit)`` or a call timed out. The no-load ``min_rtt`` is re-learned every
+  ``log10(limit)`` while it is below ``3·log10(limit)``, and takes ``log10(limit)`` off when a
+  call timed out or the queue is above ``6·log10(limit)`` (half the excess queue, up to half the
+  limit, when that is more: a dependency that lost most of its capacity is followed in seconds,
+  not minutes). The no-load ``min_rtt`` is re-learned every
   ``30 · limit`` samples or so (jittered) from the fastest call seen meanwhile, so a dependency
   that got slower for good is not mistaken for a queueing one for long.
 - ``"gradient"`` (Gradient2) compares each latency with a long-term average and multiplies the
-  limit by ``clamp(1.5 · long / short, 0.5, 1)``, plus a small headroom, smoothed.
+  limit by ``clamp(1.5 · long / short, 0.5, 1)``, plus a headroom of ``sqrt(limit)``, smoothed.
 
+The algorithms see one sample per window of calls (at least 10 calls and twice the baseline
+latency; a timeout closes the window at once): the window's mean latency, the most calls that were
+in flight, and whether any call timed out. Single calls are too noisy to compare with a minimum.
 While the service sends less than half the limit (it is "application limited"), the limit holds:
 latency at low load says nothing about capacity.
 """
@@ -124,9 +129,13 @@ LOGGED_EVENTS.add(AdaptiveLimitChanged)
 
 _limit_names = itertools.count(1)
 
-# Gradient2's long-term average: an exponential average over this many samples (after a warm-up
+# Latencies are averaged over a window of at least this many calls and this many baseline
+# latencies before the algorithm sees them: single calls are too noisy to compare with a minimum.
+_WINDOW_SAMPLES = 10
+_WINDOW_RTTS = 2.0
+# Gradient2's long-term average: an exponential average over this many windows (after a warm-up
 # of plain averaging over the first few).
-_LONG_WINDOW = 600
+_LONG_WINDOW = 100
 _WARMUP = 10
 
 
@@ -216,6 +225,12 @@ class AdaptiveLimit(_hooks.Instrumented):
         self._probe_jitter = self._rng.uniform(0.5, 1.0)
         self._probe_count = 0
         self._window_min = math.inf
+        # the current sample window
+        self._w_start = self._now()
+        self._w_count = 0
+        self._w_sum = 0.0
+        self._w_in_flight = 0
+        self._w_dropped = False
         # gradient
         self._long_rtt = 0.0
         self._long_samples = 0
@@ -276,18 +291,35 @@ class AdaptiveLimit(_hooks.Instrumented):
         """Give the slot back and, for a success or a drop, learn from the call's latency."""
         self._in_flight -= 1
         self._counts[outcome] += 1
-        if outcome == "success":
-            self._sample(self._now() - start, in_flight, dropped=False)
-        elif outcome == "dropped":
-            self._sample(self._now() - start, in_flight, dropped=True)
+        if outcome == "success" or outcome == "dropped":
+            now = self._now()
+            rtt = now - start
+            if rtt <= 0.0:
+                return
+            self._w_count += 1
+            self._w_sum += rtt
+            if in_flight > self._w_in_flight:
+                self._w_in_flight = in_flight
+            if outcome == "dropped":
+                self._w_dropped = True
+            elif (
+                self._w_count < _WINDOW_SAMPLES
+                or now - self._w_start < _WINDOW_RTTS * (self.baseline or rtt)
+            ):
+                return
+            # The window is full (or a call timed out): one sample for the algorithm.
+            self._sample(self._w_sum / self._w_count, self._w_in_flight, dropped=self._w_dropped)
+            self._w_start = now
+            self._w_count = 0
+            self._w_sum = 0.0
+            self._w_in_flight = 0
+            self._w_dropped = False
 
     def _sample(self, rtt: float, in_flight: int, *, dropped: bool) -> None:
-        if rtt <= 0.0:
-            return
         if self._algorithm == "vegas":
             estimate = self._vegas(rtt, in_flight, dropped)
         else:
-            estimate = self._gradient(rtt, in_flight)
+            estimate = self._gradient(rtt, in_flight, dropped)
         if estimate is None:
             return
         estimate = min(float(self._max), max(float(self._min), estimate))
@@ -324,12 +356,12 @@ class AdaptiveLimit(_hooks.Instrumented):
             self._min_rtt = self._window_min
             self._window_min = math.inf
             return None
-        if self._min_rtt == 0.0 or rtt < self._min_rtt:
-            self._min_rtt = rtt
-            return None
         log = max(1.0, math.log10(estimate))
         if dropped:
             return estimate - log
+        if self._min_rtt == 0.0 or rtt < self._min_rtt:
+            self._min_rtt = rtt
+            return None
         if in_flight * 2 < estimate:
             return None  # application limited: low load says nothing about capacity
         queue = math.ceil(estimate * (1 - self._min_rtt / rtt))
@@ -338,10 +370,13 @@ class AdaptiveLimit(_hooks.Instrumented):
         if queue < 3 * log:
             return estimate + log
         if queue > 6 * log:
-            return estimate - log
+            # Vegas takes log10(limit) off; a deep queue (a dependency that lost most of its
+            # capacity) would take minutes of that. Take half the excess queue instead (at
+            # least log10(limit), at most half the limit), so the limit follows in seconds.
+            return estimate - min(estimate / 2, max(log, (queue - 6 * log) / 2))
         return None
 
-    def _gradient(self, rtt: float, in_flight: int) -> float | None:
+    def _gradient(self, rtt: float, in_flight: int, dropped: bool) -> float | None:
         estimate = self._estimate
         self._long_samples += 1
         if self._long_samples <= _WARMUP:
@@ -353,10 +388,12 @@ class AdaptiveLimit(_hooks.Instrumented):
             # Latency fell well below the long average (the dependency recovered): let the
             # average come down faster than the window alone would.
             self._long_rtt = long_rtt = long_rtt * 0.95
+        if dropped:
+            return estimate * 0.5
         if in_flight * 2 < estimate:
             return None
         gradient = max(0.5, min(1.0, 1.5 * long_rtt / rtt))
-        return estimate * gradient + 4
+        return estimate * gradient + math.sqrt(estimate)
 
     # -- calls -----------------------------------------------------------------------------------
 
