@@ -27,7 +27,6 @@ import argparse
 import heapq
 import itertools
 import random
-import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field

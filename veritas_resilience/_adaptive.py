@@ -302,9 +302,8 @@ class AdaptiveLimit(_hooks.Instrumented):
                 self._w_in_flight = in_flight
             if outcome == "dropped":
                 self._w_dropped = True
-            elif (
-                self._w_count < _WINDOW_SAMPLES
-                or now - self._w_start < _WINDOW_RTTS * (self.baseline or rtt)
+            elif self._w_count < _WINDOW_SAMPLES or now - self._w_start < _WINDOW_RTTS * (
+                self.baseline or rtt
             ):
                 return
             # The window is full (or a call timed out): one sample for the algorithm.
