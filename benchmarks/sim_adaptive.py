@@ -30,6 +30,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from benchmarks._results import write_section
 from veritas_resilience import AdaptiveLimit, ConcurrencyLimitError
@@ -150,7 +151,7 @@ def run_policy(policy: str, duration: float) -> Result:
         )
 
         def finish(ticket: object) -> None:
-            start, in_flight = ticket  # type: ignore[misc]
+            start, in_flight = cast("tuple[float, int]", ticket)
             limiter._finish(start, in_flight, "success")
 
         return simulate(
