@@ -355,7 +355,8 @@ class RateLimiter(_hooks.Instrumented):
         self._state: _State = self._new_state(self._rate, self._burst)
         self._keys: OrderedDict[Hashable, _State] = OrderedDict()
         self._n_evicted = 0
-        self._counts = dict.fromkeys(_OUTCOMES, 0)
+        self._n_allowed = 0  # apart from the others: the hot path counts it
+        self._counts = dict.fromkeys(_OUTCOMES[1:], 0)
         self._waiting = 0
         # Shared through Redis.
         self._redis = redis
@@ -429,7 +430,7 @@ class RateLimiter(_hooks.Instrumented):
 
     def counts(self) -> dict[str, int]:
         """Calls by outcome: allowed, delayed, rejected, cancelled."""
-        return dict(self._counts)
+        return {"allowed": self._n_allowed, **self._counts}
 
     def __repr__(self) -> str:
         where = "redis" if self._redis is not None else "local"
@@ -491,7 +492,7 @@ class RateLimiter(_hooks.Instrumented):
         if wait < 0.0:
             self._rejected(-wait)
             return False
-        self._counts["allowed"] += 1
+        self._n_allowed += 1
         return True
 
     def _rejected(self, retry_after: float) -> RateLimitedError:
@@ -523,7 +524,7 @@ class RateLimiter(_hooks.Instrumented):
         state = self._state_for(key, self._redis is not None)
         wait = state.reserve(self._now(), permits, self._max_wait)
         if wait == 0.0:
-            self._counts["allowed"] += 1
+            self._n_allowed += 1
             return
         if wait < 0.0:
             raise self._rejected(-wait)
@@ -558,7 +559,7 @@ class RateLimiter(_hooks.Instrumented):
             raise self._rejected(max(int(reply[1]), 1) / 1e6)
         wait = int(reply[1]) / 1e6
         if wait <= 0.0:
-            self._counts["allowed"] += 1
+            self._n_allowed += 1
             return True
         self._waiting += 1
         try:
@@ -624,18 +625,34 @@ class RateLimiter(_hooks.Instrumented):
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 return await call(fn, *args, **kwargs)
 
-        else:
-            # The common case inlined: one local limit that rejects at once.
+        elif isinstance(self._state, _Gcra):
+            # The common case inlined: one local GCRA limit that rejects at once.
             limiter = self
-            state = self._state
+            gcra = self._state
+            interval, tolerance = gcra.interval, gcra.tolerance
             now = self._now if self._clock is not MONOTONIC else time.monotonic
-            counts = self._counts
 
             @functools.wraps(fn)
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-                wait = state.reserve(now(), 1, 0.0)
+                t = now()
+                tat = gcra.tat
+                tat = (tat if tat > t else t) + interval
+                if tat - t <= tolerance:
+                    gcra.tat = tat
+                    limiter._n_allowed += 1
+                    return await fn(*args, **kwargs)
+                raise limiter._rejected(max(tat - t - tolerance, _EPSILON))
+
+        else:
+            limiter = self
+            bucket = self._state
+            now = self._now if self._clock is not MONOTONIC else time.monotonic
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+                wait = bucket.reserve(now(), 1, 0.0)
                 if wait == 0.0:
-                    counts["allowed"] += 1
+                    limiter._n_allowed += 1
                     return await fn(*args, **kwargs)
                 raise limiter._rejected(-wait)
 
@@ -644,7 +661,7 @@ class RateLimiter(_hooks.Instrumented):
 
     def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
         name = (self._name,)
-        for outcome, count in self._counts.items():
+        for outcome, count in self.counts().items():
             yield "veritas_rate_limit_calls", (self._name, outcome), float(count)
         yield "veritas_rate_limit_waiting", name, float(self._waiting)
         if self._redis is not None:
