@@ -67,3 +67,25 @@ def test_import_does_not_load_the_drivers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_health_lists_exactly_its_public_names() -> None:
+    """veritas_resilience.health exports its sorted __all__ (plus the checks module), all
+    documented; the checks module does the same."""
+    import veritas_resilience.health as health
+    import veritas_resilience.health.checks as checks
+
+    assert sorted(health.__all__) == health.__all__
+    assert set(health.__all__) == _public_names(health) | {"checks"}
+    assert sorted(checks.__all__) == checks.__all__
+    public = {
+        n
+        for n in _public_names(checks)
+        if getattr(getattr(checks, n), "__module__", None) == checks.__name__
+    }
+    assert set(checks.__all__) == public
+    for module in (health, checks):
+        for attr in module.__all__:
+            obj = getattr(module, attr)
+            if isinstance(obj, (type, types.FunctionType)):
+                assert (obj.__doc__ or "").strip(), f"{module.__name__}.{attr} has no docstring"
