@@ -5,14 +5,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from veritas_resilience import PrometheusHook, circuit_breaker
 from veritas_resilience.testing import FakeClock
+
+if TYPE_CHECKING:  # the Redis kit imports redis; test runs that do not use it stay light
+    from veritas_resilience.testing import LocalRedisSentinel
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -92,3 +95,17 @@ def _loopback_only() -> Iterator[None]:
     finally:
         socket.socket.connect = _real_connect  # type: ignore[method-assign]
         socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
+
+
+@pytest.fixture
+async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
+    """A redis.asyncio client on the session Redis kit's master, database 9, flushed first."""
+    from redis.asyncio import Redis
+
+    host, port = redis_sentinel.master
+    client = Redis(host=host, port=port, db=9)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()

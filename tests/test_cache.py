@@ -3,7 +3,7 @@ Redis (a private redis-server on a free loopback port) under asyncio."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ from veritas_resilience import (
     fallback,
     track_fallbacks,
 )
-from veritas_resilience.testing import FakeClock, LocalRedisSentinel
+from veritas_resilience.testing import FakeClock
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
@@ -329,20 +329,6 @@ def test_cache_rejects_bad_configuration() -> None:
 
 
 # -- Redis --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
-    """A redis.asyncio client on the kit's master, in a database of its own, flushed first."""
-    from redis.asyncio import Redis
-
-    host, port = redis_sentinel.master
-    client = Redis(host=host, port=port, db=9)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.integration

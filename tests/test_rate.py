@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -258,20 +257,6 @@ async def test_default_burst_is_one_second(clock: FakeClock) -> None:
 
 
 # -- Redis --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
-    """A redis.asyncio client on the kit's master, in a database of its own, flushed first."""
-    from redis.asyncio import Redis
-
-    host, port = redis_sentinel.master
-    client = Redis(host=host, port=port, db=10)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.integration

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal, ParamSpec, TypeAlias, TypeVar
 from . import _hooks
 from ._clock import MONOTONIC, Clock
 from ._validate import ExceptionMatcher
+from ._validate import fraction as _fraction
 from ._validate import matcher as _matcher
 from ._validate import positive_int as _positive_int
 from .errors import ConcurrencyLimitError
@@ -202,13 +203,7 @@ class AdaptiveLimit(_hooks.Instrumented):
             )
         if smoothing is None:
             smoothing = 1.0 if algorithm == "vegas" else 0.2
-        if (
-            isinstance(smoothing, bool)
-            or not isinstance(smoothing, (int, float))
-            or not 0 < smoothing <= 1
-        ):
-            raise ValueError(f"smoothing must be > 0 and <= 1, got {smoothing!r}")
-        self._smoothing = float(smoothing)
+        self._smoothing = _fraction(smoothing, "smoothing")
         drop = _matcher(drop_on, "drop_on")
         assert drop is not None
         self._is_drop = drop

@@ -40,6 +40,7 @@ import anyio
 from . import _hooks
 from ._clock import MONOTONIC, Clock
 from ._validate import Seconds
+from ._validate import fraction as _fraction
 from ._validate import number as _number
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
@@ -364,9 +365,7 @@ class RateLimiter(_hooks.Instrumented):
             raise TypeError(f"redis_prefix must be a string, got {redis_prefix!r}")
         self._redis_key = f"{redis_prefix}{self._name}"
         self._redis_timeout = _seconds(redis_timeout, "redis_timeout")
-        if not (isinstance(fallback_share, (int, float)) and 0 < fallback_share <= 1):
-            raise ValueError(f"fallback_share must be > 0 and <= 1, got {fallback_share!r}")
-        self._share = float(fallback_share)
+        self._share = _fraction(fallback_share, "fallback_share")
         self._fallback_retry = _seconds(fallback_retry, "fallback_retry")
         self._local_rate = self._rate * self._share
         self._local_burst = max(1, int(self._burst * self._share))

@@ -10,6 +10,7 @@ from typing import TypeAlias
 __all__ = [
     "ExceptionMatcher",
     "Seconds",
+    "fraction",
     "matcher",
     "number",
     "percent",
@@ -30,13 +31,17 @@ def seconds(value: Seconds, field: str, *, allow_zero: bool = False) -> float:
     """Return ``value`` in seconds; raise if it is not a finite duration > 0 (>= 0 if allowed)."""
     if isinstance(value, timedelta):
         value = value.total_seconds()
+    return _finite(value, field, allow_zero, "a number of seconds or a timedelta", " of seconds")
+
+
+def _finite(value: object, field: str, allow_zero: bool, kind: str, unit: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number of seconds or a timedelta, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise TypeError(f"{field} must be {kind}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         allowed = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field} must be a finite number of seconds {allowed}, got {value!r}")
-    return value
+        raise ValueError(f"{field} must be a finite number{unit} {allowed}, got {number!r}")
+    return number
 
 
 def positive_int(value: int, field: str) -> int:
@@ -50,13 +55,16 @@ def positive_int(value: int, field: str) -> int:
 
 def number(value: float, field: str, *, allow_zero: bool = False) -> float:
     """Return ``value`` as a float; raise if it is not a finite number > 0 (>= 0 if allowed)."""
+    return _finite(value, field, allow_zero, "a number", "")
+
+
+def fraction(value: float, field: str) -> float:
+    """Return ``value`` as a float; raise if it is not a number > 0 and <= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        allowed = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field} must be a finite number {allowed}, got {value!r}")
-    return value
+        raise TypeError(f"{field} must be a number > 0 and <= 1, got {value!r}")
+    if not 0 < value <= 1:  # also rejects NaN
+        raise ValueError(f"{field} must be > 0 and <= 1, got {value!r}")
+    return float(value)
 
 
 def percent(value: float, field: str) -> float:
