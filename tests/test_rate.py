@@ -356,3 +356,52 @@ async def test_unreachable_redis_falls_back_to_the_local_share(
         assert recovered.degraded_for == pytest.approx(1.0)
         assert metric(registry, 'veritas_rate_limit_degraded{name="degraded"}') == 0
         await client.aclose()
+
+
+async def test_logged_events_of_the_policies_say_what_happened() -> None:
+    """The structlog hook logs a Redis fallback and recovery, a spent hedge budget and a moved
+    adaptive limit, with names and numbers but no key or argument."""
+    from _log_capture import LogCapture
+
+    from veritas_resilience import (
+        AdaptiveLimitChanged,
+        HedgeBudgetExhausted,
+        StructlogHook,
+    )
+
+    log = LogCapture()
+    hook = StructlogHook(log)
+    for event in (
+        RateLimitStoreFailed(name="api", error=TimeoutError("no answer"), local_rate=10.0),
+        RateLimitStoreRecovered(name="api", degraded_for=2.5),
+        HedgeBudgetExhausted(name="reads", budget_percent=5.0),
+        AdaptiveLimitChanged(name="search", old_limit=100, new_limit=20, rtt=0.25, baseline=0.05),
+        RateLimitRejected(name="api", retry_after=0.1),
+    ):
+        if type(event) in hook.event_types:
+            hook.on_event(event)
+    assert log.lines == [
+        (
+            "warning",
+            "rate_limit_store_unavailable",
+            {
+                "rate_limiter": "api",
+                "local_rate": 10.0,
+                "error_type": "TimeoutError",
+                "error": "no answer",
+            },
+        ),
+        ("info", "rate_limit_store_recovered", {"rate_limiter": "api", "degraded_for": 2.5}),
+        ("warning", "hedge_budget_exhausted", {"hedge": "reads", "budget_percent": 5.0}),
+        (
+            "info",
+            "adaptive_limit_changed",
+            {
+                "adaptive_limit": "search",
+                "old_limit": 100,
+                "new_limit": 20,
+                "rtt": 0.25,
+                "baseline": 0.05,
+            },
+        ),
+    ]

@@ -270,9 +270,13 @@ class Hedge(_hooks.Instrumented):
         return self._budget_percent
 
     def counts(self) -> dict[str, int]:
-        """Calls by outcome (primary, hedge, failed), extra attempts started (``attempts``),
-        attempts cancelled (``cancelled``) and hedges skipped (``skipped_budget``,
-        ``skipped_breaker``)."""
+        """Counters since creation.
+
+        Returns:
+            Calls by which attempt answered (``primary``, ``hedge``, ``failed``), extra attempts
+            started (``attempts``), attempts cancelled because another answered first
+            (``cancelled``) and hedges not started (``skipped_budget``, ``skipped_breaker``).
+        """
         return {
             **self._counts,
             "attempts": self._n_attempts,
