@@ -228,6 +228,22 @@ async def test_pipeline_step(clock: FakeClock) -> None:
         await pipeline.call(op, 4)
 
 
+async def test_rejections_never_count_against_the_breaker(clock: FakeClock) -> None:
+    """In a pipeline the limiter sits outside the breaker: being over the rate is not a failure
+    of the dependency, so it never opens the breaker."""
+    from veritas_resilience import CircuitBreaker, CircuitState
+
+    breaker = CircuitBreaker(name="api", failure_threshold=1, clock=clock, hooks=[])
+    limiter = RateLimiter(1, burst=1, clock=clock, hooks=[])
+    pipeline = Pipeline(breaker=breaker, rate_limiter=limiter)
+    assert pipeline.describe() == ["rate_limiter", "circuit_breaker"]
+    assert await pipeline.call(op, 1) == 1
+    for _ in range(3):
+        with pytest.raises(RateLimitedError):
+            await pipeline.call(op, 2)
+    assert breaker.state is CircuitState.CLOSED
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

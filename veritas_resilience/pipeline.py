@@ -6,15 +6,16 @@ retries (one deadline for all attempts, so the last attempt gets what is left), 
 the retry (the retry never sees a failure). :class:`Pipeline` always nests them the same way,
 outermost first::
 
-    fallback ─► retry ─► circuit breaker ─► rate limiter ─► adaptive limit ─► bulkhead
+    fallback ─► retry ─► rate limiter ─► circuit breaker ─► adaptive limit ─► bulkhead
              ─► hedge ─► timeout ─► your function
 
 - **fallback** is outermost: it answers only when everything inside has given up.
 - **retry** wraps the breaker: every attempt is one call the breaker counts, and an open breaker
   stops the retries (unless it reopens before the next wait).
-- **circuit breaker** wraps the bulkhead: an open breaker rejects at once, without queueing.
-- **rate limiter** sits inside the breaker: an open breaker rejects without spending a permit,
-  and every attempt of a retry takes one (retries are load too).
+- **rate limiter** sits inside the retry, so every attempt takes a permit (retries are load too),
+  and outside the breaker, so its own rejections never count as failures of the dependency.
+- **circuit breaker** wraps the concurrency limits: an open breaker rejects at once, without
+  queueing.
 - **adaptive limit** wraps the bulkhead and what is inside: it measures the latency of the
   dependency, and rejects at once when its learned limit is reached.
 - **bulkhead** wraps the hedge and the timeout: time spent queueing for a slot is not charged to
@@ -48,8 +49,8 @@ T = TypeVar("T")
 ORDER = (
     "fallback",
     "retry",
-    "circuit_breaker",
     "rate_limiter",
+    "circuit_breaker",
     "adaptive_limit",
     "bulkhead",
     "hedge",
@@ -139,7 +140,7 @@ class Pipeline:
             (kind, policy)
             for kind, policy in zip(
                 ORDER,
-                (fallback, retry, breaker, rate_limiter, adaptive_limit, bulkhead, hedge, timeout),
+                (fallback, retry, rate_limiter, breaker, adaptive_limit, bulkhead, hedge, timeout),
             )
             if policy is not None
         ]
