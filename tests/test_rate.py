@@ -7,6 +7,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from veritas_resilience import (
@@ -421,3 +423,37 @@ async def test_logged_events_of_the_policies_say_what_happened() -> None:
             },
         ),
     ]
+
+
+@given(
+    rate=st.sampled_from([0.5, 1, 3, 10, 250]),
+    burst=st.integers(1, 8),
+    steps=st.lists(
+        st.tuples(st.floats(0, 2, allow_nan=False), st.integers(1, 8)), min_size=1, max_size=60
+    ),
+)
+@settings(max_examples=200, deadline=None)
+def test_both_algorithms_give_the_same_answers_and_never_exceed_the_limit(
+    rate: float, burst: int, steps: list[tuple[float, int]]
+) -> None:
+    """GCRA and the token bucket agree on every request, and in any window the permits granted
+    are at most burst + rate * window (the definition of the limit)."""
+    clocks = [FakeClock(0.0), FakeClock(0.0)]
+    limiters = [
+        RateLimiter(rate, burst=burst, algorithm=algorithm, clock=clock, hooks=[])
+        for algorithm, clock in zip(("gcra", "token_bucket"), clocks)
+    ]
+    granted: list[tuple[float, int]] = []
+    for wait, permits in steps:
+        permits = min(permits, burst)
+        for clock in clocks:
+            clock.advance(wait)
+        answers = [limiter.try_acquire(permits=permits) for limiter in limiters]
+        assert answers[0] == answers[1]
+        if answers[0]:
+            granted.append((clocks[0].monotonic(), permits))
+    for i, (start, _) in enumerate(granted):
+        total = 0
+        for at, permits in granted[i:]:
+            total += permits
+            assert total <= burst + rate * (at - start) + 1e-6
