@@ -440,8 +440,8 @@ def test_both_algorithms_give_the_same_answers_and_never_exceed_the_limit(
     are at most burst + rate * window (the definition of the limit)."""
     clocks = [FakeClock(0.0), FakeClock(0.0)]
     limiters = [
-        RateLimiter(rate, burst=burst, algorithm=algorithm, clock=clock, hooks=[])
-        for algorithm, clock in zip(("gcra", "token_bucket"), clocks)
+        RateLimiter(rate, burst=burst, algorithm="gcra", clock=clocks[0], hooks=[]),
+        RateLimiter(rate, burst=burst, algorithm="token_bucket", clock=clocks[1], hooks=[]),
     ]
     granted: list[tuple[float, int]] = []
     for wait, permits in steps:
