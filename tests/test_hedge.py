@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -19,7 +20,7 @@ from veritas_resilience import (
     Pipeline,
     PrometheusHook,
 )
-from veritas_resilience.testing import FakeClock
+from veritas_resilience.testing import FakeClock, LocalRedisSentinel
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
@@ -269,3 +270,38 @@ def test_bad_settings_name_the_parameter(kwargs: dict[str, Any], message: str) -
     options.update(kwargs)
     with pytest.raises(ValueError, match=message):
         Hedge(**options)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_hedged_reads_across_real_replicas(redis_sentinel: LocalRedisSentinel) -> None:
+    """Reads hedged over two real Redis replicas: when one is slow, the other answers, and the
+    slow read is cancelled (its connection dropped) before the call returns."""
+    import time
+
+    from redis.asyncio import Redis
+
+    from veritas_resilience.testing import FaultProxy
+
+    host, port = redis_sentinel.master
+    master = Redis(host=host, port=port)
+    await master.set("hedge:profile:42", b"jane")
+    await anyio.to_thread.run_sync(redis_sentinel.wait_replicas_synced)
+    slow_replica, fast_replica = redis_sentinel.replicas[:2]
+    with FaultProxy(*slow_replica) as proxy:
+        slow = Redis(host=proxy.host, port=proxy.port)
+        fast = Redis(host=fast_replica[0], port=fast_replica[1])
+        await slow.ping()
+        proxy.delay(2.0)  # the slow replica now takes at least 4 s per round trip
+
+        async def read(client: Redis, key: str) -> bytes | str | None:
+            return await client.get(key)
+
+        policy = Hedge(idempotent=True, delay=0.05, name="replica-reads", hooks=[])
+        started = time.monotonic()
+        assert await policy.call_targets(read, [slow, fast], "hedge:profile:42") == b"jane"
+        assert time.monotonic() - started < 2.0  # far below the slow replica's 4 s
+        assert policy.counts()["hedge"] == 1 and policy.counts()["cancelled"] == 1
+        proxy.delay(0)
+        for client in (slow, fast, master):
+            await client.aclose()
