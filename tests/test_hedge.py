@@ -125,6 +125,48 @@ async def test_up_to_max_attempts_and_nothing_leaks(clock: FakeClock) -> None:
     assert clock.monotonic() == pytest.approx(1000.11)
 
 
+class SleepOnlyClock:
+    """A clock that can tell the time and sleep, and nothing more (no call_at)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+
+async def test_a_clock_that_can_only_sleep_works_too(clock: FakeClock) -> None:
+    """With a clock that cannot schedule, the delay is a sleep that an ending attempt cuts."""
+    dep = Dependency(clock, [1.0, 0.02])
+    policy = Hedge(idempotent=True, delay=0.05, clock=SleepOnlyClock(clock), hooks=[])
+    assert await drive(clock, lambda: policy.call(dep)) == "answer 1"
+    assert (dep.started, dep.cancelled, dep.running) == (2, 1, 0)
+    fast = Dependency(clock, [0.01])
+    assert await drive(clock, lambda: policy.call(fast)) == "answer 0"
+    assert fast.started == 1
+
+
+async def test_on_the_event_loop_clock() -> None:
+    """With the default clock the delay runs on the event loop's time (asyncio and trio)."""
+    never = anyio.Event()
+    calls = 0
+
+    async def replica() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await never.wait()  # the first attempt never answers
+        return "answer"
+
+    policy = Hedge(idempotent=True, delay=0.01, hooks=[])
+    with anyio.fail_after(10):
+        assert await policy.call(replica) == "answer"
+    assert policy.counts()["hedge"] == 1 and policy.counts()["cancelled"] == 1
+
+
 async def test_the_original_can_still_win(clock: FakeClock) -> None:
     """The first attempt answers after the hedge started: it wins and the hedge is cancelled."""
     dep = Dependency(clock, [0.08, 1.0])

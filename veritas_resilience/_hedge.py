@@ -140,17 +140,20 @@ _RECOMPUTE_EVERY = 16
 class _Race:
     """The state of one hedged call, shared by its attempts and the task that starts them."""
 
-    __slots__ = ("changed", "errors", "running", "wake", "winner", "winner_index")
+    __slots__ = ("changed", "ended", "errors", "running", "wake", "winner", "winner_index")
 
     def __init__(self) -> None:
         self.winner: Any = _PENDING
         self.winner_index = -1
         self.errors: list[Exception] = []
         self.running = 0
+        self.ended = 0  # attempts that ended, however
         self.wake: anyio.CancelScope | None = None
         self.changed: anyio.Event | None = None
 
     def notify(self) -> None:
+        """An attempt ended: wake the task that starts attempts."""
+        self.ended += 1
         if self.wake is not None:
             self.wake.cancel()
         if self.changed is not None:
@@ -361,6 +364,35 @@ class Hedge(_hooks.Instrumented):
             race.running -= 1
             race.notify()
 
+    async def _delay_passed(self, race: _Race, delay: float) -> bool:
+        """Wait until ``delay`` has passed (True) or an attempt ended (False), whichever is first.
+
+        Waiting on an event that an ending attempt sets, with the delay as a timer, costs far
+        less than cancelling a sleep when (as usual) the first attempt answers in time.
+        """
+        ended_before = race.ended
+        race.changed = event = anyio.Event()
+        clock = self._clock
+        try:
+            if clock is MONOTONIC:
+                with anyio.move_on_after(delay):
+                    await event.wait()
+            elif callable(getattr(clock, "call_at", None)):
+                # A clock that schedules (FakeClock): the delay follows it, not the loop.
+                timer = clock.call_at(clock.monotonic() + delay, event.set)  # type: ignore[attr-defined]
+                try:
+                    await event.wait()
+                finally:
+                    timer.cancel()
+            else:  # a clock that can only sleep: sleep, and be cancelled by an ending attempt
+                race.wake = scope = anyio.CancelScope()
+                with scope:
+                    await clock.sleep(delay)
+                race.wake = None
+        finally:
+            race.changed = None
+        return race.ended == ended_before
+
     async def _race(
         self,
         fn: Callable[..., Awaitable[T]],
@@ -372,7 +404,6 @@ class Hedge(_hooks.Instrumented):
         self._credits = credits if credits < self._credit_cap else self._credit_cap
         attempts = self._max_attempts if targets is None else min(self._max_attempts, len(targets))
         race = _Race()
-        clock = self._clock
 
         def start(index: int) -> None:
             call_args = args if targets is None else (targets[index], *args)
@@ -385,12 +416,8 @@ class Hedge(_hooks.Instrumented):
             while race.winner is _PENDING and race.running:
                 if started < attempts:
                     delay = self._delay
-                    race.wake = scope = anyio.CancelScope()
-                    with scope:
-                        await clock.sleep(delay)
-                    race.wake = None
-                    if scope.cancel_called or race.winner is not _PENDING or not race.running:
-                        continue  # an attempt ended: look again
+                    if not await self._delay_passed(race, delay):
+                        continue  # an attempt ended first: look again
                     reason = self._refusal()
                     if reason is not None:
                         self._skipped[reason] += 1
