@@ -347,3 +347,42 @@ async def test_hedged_reads_across_real_replicas(redis_sentinel: LocalRedisSenti
         proxy.delay(0)
         for client in (slow, fast, master):
             await client.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_task_cancel_waits_for_slow_cleanups(clock: FakeClock) -> None:
+    """A plain asyncio task.cancel() (twice, even) reaches every attempt, and the call ends only
+    after each attempt's own cleanup has finished."""
+    import asyncio
+
+    cleanup_may_finish = asyncio.Event()
+    cleaned = 0
+
+    async def attempt() -> str:
+        nonlocal cleaned
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await cleanup_may_finish.wait()  # a slow cleanup (a connection being closed)
+            cleaned += 1
+            raise
+        return "never"
+
+    policy = Hedge(idempotent=True, delay=0.05, max_attempts=2, clock=clock, hooks=[])
+    task = asyncio.create_task(policy.call(attempt))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    clock.advance(0.05)  # the hedge starts
+    for _ in range(10):
+        await asyncio.sleep(0)
+    task.cancel()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    task.cancel()  # cancelled again while it waits for the cleanups
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not task.done() and cleaned == 0
+    cleanup_may_finish.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == 2
