@@ -413,11 +413,23 @@ class AdaptiveLimit(_hooks.Instrumented):
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs under the limit."""
         _require_async(fn, "AdaptiveLimit")
-        call = self.call
+        admit, finish, is_drop = self._admit, self._finish, self._is_drop
 
+        # The body of call(), inlined: one coroutine frame less.
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await call(fn, *args, **kwargs)
+            start, in_flight = admit()
+            outcome = "cancelled"
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                outcome = "dropped" if is_drop(exc) else "ignored"
+                raise
+            else:
+                outcome = "success"
+                return result
+            finally:
+                finish(start, in_flight, outcome)
 
         wrapper.adaptive_limit = self  # type: ignore[attr-defined]
         return wrapper
