@@ -200,10 +200,9 @@ class Hedge(_hooks.Instrumented):
     ``FakeClock``, plain asyncio tasks, which cost several times less): the first to succeed
     wins and the others are cancelled and awaited before the call returns. An attempt that fails
     does not end the call while another is in flight; when every attempt started has failed, the
-    last error is raised. Hedged
-    attempts are only started while the budget has room (on average ``budget_percent`` extra
-    attempts per hundred calls) and ``breaker`` (if given) is closed. Cancelling the call cancels
-    every attempt.
+    last error is raised. Hedged attempts are only started while the budget has room (on average
+    ``budget_percent`` extra attempts per hundred calls) and ``breaker`` (if given) is closed.
+    Cancelling the call cancels every attempt.
 
     Args:
         idempotent: Must be True: you confirm that the call may run more than once at a time.
