@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from veritas_resilience import (
     CircuitBreaker,
+    CircuitState,
     Hedge,
     HedgeBudgetExhausted,
     HedgeSkipped,
@@ -259,6 +260,14 @@ async def test_no_hedging_while_the_breaker_is_not_closed(clock: FakeClock) -> N
     dep = Dependency(clock, [0.2, 0.01])
     assert await drive(clock, lambda: policy.call(dep)) == "answer 0"
     assert dep.started == 1 and policy.counts()["skipped_breaker"] == 1
+    clock.advance(30)  # the open time is over: half-open
+    assert breaker.state is CircuitState.HALF_OPEN
+    dep = Dependency(clock, [0.2, 0.01])
+    assert await drive(clock, lambda: policy.call(dep)) == "answer 0"
+    assert dep.started == 1 and policy.counts()["skipped_breaker"] == 2
+    breaker.reset()  # closed again: hedging resumes
+    dep = Dependency(clock, [0.2, 0.01])
+    assert await drive(clock, lambda: policy.call(dep)) == "answer 1"
 
 
 async def test_delay_follows_the_observed_p95(clock: FakeClock) -> None:
