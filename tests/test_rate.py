@@ -307,6 +307,38 @@ async def test_redis_limit_is_shared_by_every_instance(redis_client: Any) -> Non
 
 @pytest.mark.integration
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_limit_holds_under_concurrent_callers(redis_client: Any) -> None:
+    """Ten tasks over two limiter instances, asking as fast as they can: together they are
+    never allowed more than burst + rate * elapsed, measured around the whole run."""
+    import time
+
+    limiters = [
+        RateLimiter(20, burst=5, redis=redis_client, name="crowd", redis_timeout=5, hooks=[])
+        for _ in range(2)
+    ]
+    allowed = 0
+    started = time.monotonic()
+    stop = started + 0.5
+
+    async def caller(limiter: RateLimiter) -> None:
+        nonlocal allowed
+        while time.monotonic() < stop:
+            try:
+                await limiter.acquire()
+                allowed += 1
+            except RateLimitedError:
+                continue  # acquire() waited on Redis: no busy loop
+
+    async with anyio.create_task_group() as tg:
+        for i in range(10):
+            tg.start_soon(caller, limiters[i % 2])
+    elapsed = time.monotonic() - started
+    assert 5 <= allowed <= 5 + 20 * elapsed + 1
+    assert not any(limiter.degraded for limiter in limiters)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_redis_waiter_cancelled_hands_its_reservation_back(redis_client: Any) -> None:
     """A cancelled waiter's Redis reservation is handed back when it is still the newest."""
     limiter = RateLimiter(1, burst=1, max_wait=5, redis=redis_client, name="w", hooks=[])
