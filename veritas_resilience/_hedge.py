@@ -24,7 +24,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import anyio
 
@@ -556,11 +556,11 @@ class Hedge(_hooks.Instrumented):
 
     async def call_targets(
         self,
-        fn: Callable[..., Awaitable[T]],
+        fn: Callable[Concatenate[A, P], Awaitable[T]],
         targets: Sequence[A],
         /,
-        *args: Any,
-        **kwargs: Any,
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> T:
         """Run ``await fn(targets[i], *args, **kwargs)`` for attempt *i*, hedged.
 
