@@ -202,7 +202,8 @@ class Hedge(_hooks.Instrumented):
     does not end the call while another is in flight; when every attempt started has failed, the
     last error is raised. Hedged attempts are only started while the budget has room (on average
     ``budget_percent`` extra attempts per hundred calls) and ``breaker`` (if given) is closed.
-    Cancelling the call cancels every attempt.
+    Cancelling the call cancels every attempt. Like a :class:`~veritas_resilience.Bulkhead`, a
+    hedge belongs to one event loop: its counters and budget are not locked.
 
     Args:
         idempotent: Must be True: you confirm that the call may run more than once at a time.
