@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
 
-from veritas_resilience import PrometheusHook, circuit_breaker
+from veritas_resilience import PrometheusHook
 from veritas_resilience.testing import FakeClock
 
 if TYPE_CHECKING:  # the Redis kit imports redis; test runs that do not use it stay light
     from veritas_resilience.testing import LocalRedisSentinel
+
+# The property tests with a fifth of their examples, for the runs on other CPythons in
+# tests/run.sh (`--hypothesis-profile=other-pythons`): the main run keeps the full count.
+settings.register_profile("other-pythons", max_examples=20)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -40,23 +44,6 @@ def registry() -> CollectorRegistry:
 def prometheus(registry: CollectorRegistry) -> PrometheusHook:
     """A Prometheus hook exporting to the test's own registry."""
     return PrometheusHook(registry)
-
-
-@pytest.fixture(params=["compiled", "python"])
-def breaker_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a breaker test once on the compiled fast path and once in pure Python.
-
-    Breakers choose at creation, so the breakers a test creates use the implementation of its
-    parameter. Without the compiled module the "compiled" run is skipped, unless the build was
-    required to compile it (as CI does), where it fails.
-    """
-    if request.param == "python":
-        monkeypatch.setattr(circuit_breaker, "_speedups", None)
-    elif circuit_breaker._speedups is None:
-        if os.environ.get("VERITAS_RESILIENCE_REQUIRE_EXTENSIONS"):
-            pytest.fail("the compiled fast path was required but is not built")
-        pytest.skip("the compiled fast path is not built")
-    return str(request.param)
 
 
 _real_connect = socket.socket.connect

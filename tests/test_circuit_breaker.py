@@ -31,7 +31,7 @@ from veritas_resilience import (
 )
 from veritas_resilience.testing import FakeClock, RecordingHook
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("breaker_impl")]
+pytestmark = pytest.mark.anyio
 
 
 class Boom(Exception):
@@ -806,6 +806,43 @@ def test_registry_gets_or_creates_by_name() -> None:
     assert state_of(b) is CircuitState.FORCED_OPEN and state_of(a) is CircuitState.CLOSED
     registry.reset_all()
     assert [s.name for s in registry.snapshots()] == ["payments", "search"]
+
+
+def test_isolate_all_takes_any_iterable_of_names() -> None:
+    """A generator of names isolates every breaker it names, not only the first."""
+    registry = CircuitBreakerRegistry(hooks=[])
+    a, b, c = (registry.get(name) for name in ("a", "b", "c"))
+    registry.isolate_all(name for name in ("a", "b"))
+    assert [state_of(x) for x in (a, b, c)] == [
+        CircuitState.FORCED_OPEN,
+        CircuitState.FORCED_OPEN,
+        CircuitState.CLOSED,
+    ]
+
+
+def test_isolate_all_with_unknown_names_raises_and_isolates_nothing() -> None:
+    """Unknown names raise a KeyError listing each of them; no breaker is isolated."""
+    registry = CircuitBreakerRegistry(hooks=[])
+    a = registry.get("payments")
+    with pytest.raises(KeyError, match="'paymnts', 'ledger'"):
+        registry.isolate_all(["paymnts", "payments", "ledger"])
+    assert state_of(a) is CircuitState.CLOSED
+
+
+def test_registry_get_with_other_options_raises_naming_them() -> None:
+    """get() with options that differ from the existing breaker's raises; equal ones do not."""
+    clock = FakeClock(0.0)
+    registry = CircuitBreakerRegistry(failure_threshold=3, clock=clock, hooks=[])
+    first = registry.get("payments", reset_timeout=10)
+    assert registry.get("payments") is first
+    assert registry.get("payments", reset_timeout=10.0, failure_threshold=3) is first
+    assert registry.get("payments", clock=clock, success_threshold=1) is first  # the default
+    with pytest.raises(ValueError, match=r"'payments'") as caught:
+        registry.get("payments", reset_timeout=30, failure_threshold=5, half_open_max_calls=1)
+    message = str(caught.value)
+    assert "failure_threshold=5 (it has 3)" in message
+    assert "reset_timeout=30 (it has 10)" in message
+    assert "half_open_max_calls" not in message  # equal to the default it was created with
 
 
 # -- hooks ----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from veritas_resilience import CircuitBreaker, CircuitOpenError, CircuitState, circuit_breaker
+from veritas_resilience import CircuitBreaker, CircuitOpenError, CircuitState
 from veritas_resilience.testing import FakeClock
 
 RESET = 10.0
@@ -129,29 +129,24 @@ class BreakerMachine(RuleBasedStateMachine):
     threshold, successes, max_probes = 3, 2, 2
     #: "call": breaker.call(fn, ...); "decorator": the decorated function.
     form = "call"
-    #: Run in pure Python even when the compiled fast path is built.
-    pure_python = False
+    #: Time every call (the duration histogram): CLOSED calls then leave the fast path.
+    timed = False
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock(0.0)
-        compiled = circuit_breaker._speedups
-        if self.pure_python:
-            circuit_breaker._speedups = None
-        try:
-            self.breaker = CircuitBreaker(
-                name="model",
-                failure_threshold=self.threshold,
-                reset_timeout=RESET,
-                success_threshold=self.successes,
-                half_open_max_calls=self.max_probes,
-                ignore_on=KeyError,
-                clock=self.clock,
-                hooks=[],
-            )
-            self.guarded = self.breaker(_body)
-        finally:
-            circuit_breaker._speedups = compiled
+        self.breaker = CircuitBreaker(
+            name="model",
+            failure_threshold=self.threshold,
+            reset_timeout=RESET,
+            success_threshold=self.successes,
+            half_open_max_calls=self.max_probes,
+            ignore_on=KeyError,
+            record_duration=self.timed,
+            clock=self.clock,
+            hooks=[],
+        )
+        self.guarded = self.breaker(_body)
         self.model = Model(self.threshold, self.successes, self.max_probes)
 
     @initialize(target=calls)
@@ -226,32 +221,40 @@ class QuickTripMachine(BreakerMachine):
 
 
 class DecoratorMachine(BreakerMachine):
-    """The same rules through the decorated function (compiled when built)."""
+    """The same rules through the decorated function."""
 
     form = "decorator"
 
 
-class PurePythonMachine(BreakerMachine):
-    """The same rules through the pure-Python decorator."""
+class QuickTripDecoratorMachine(QuickTripMachine):
+    """The quick-trip rules through the decorated function."""
 
-    form, pure_python = "decorator", True
+    form = "decorator"
 
 
-class PurePythonQuickTripMachine(QuickTripMachine):
-    """The quick-trip rules through the pure-Python call()."""
+class TimedMachine(BreakerMachine):
+    """The same rules with every call timed: CLOSED calls take the general path."""
 
-    pure_python = True
+    form, timed = "decorator", True
+
+
+def _settings(examples: int, steps: int) -> settings:
+    # Scaled by the profile's max_examples (100 by default): the "other-pythons" profile
+    # (tests/conftest.py) checks the same properties with fewer examples.
+    default = settings.default
+    scale = (default.max_examples if default is not None else 100) / 100
+    return settings(
+        max_examples=max(5, round(examples * scale)), stateful_step_count=steps, deadline=None
+    )
 
 
 TestBreakerModel = BreakerMachine.TestCase
-TestBreakerModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestBreakerModel.settings = _settings(300, 40)
 TestQuickTripModel = QuickTripMachine.TestCase
-TestQuickTripModel.settings = settings(max_examples=600, stateful_step_count=30, deadline=None)
+TestQuickTripModel.settings = _settings(600, 30)
 TestDecoratorModel = DecoratorMachine.TestCase
-TestDecoratorModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
-TestPurePythonModel = PurePythonMachine.TestCase
-TestPurePythonModel.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
-TestPurePythonQuickTripModel = PurePythonQuickTripMachine.TestCase
-TestPurePythonQuickTripModel.settings = settings(
-    max_examples=300, stateful_step_count=30, deadline=None
-)
+TestDecoratorModel.settings = _settings(300, 40)
+TestQuickTripDecoratorModel = QuickTripDecoratorMachine.TestCase
+TestQuickTripDecoratorModel.settings = _settings(300, 30)
+TestTimedModel = TimedMachine.TestCase
+TestTimedModel.settings = _settings(200, 40)

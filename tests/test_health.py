@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
-import jsonschema
 import pytest
+from _health_support import validate
 from _log_capture import LogCapture
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,19 +33,9 @@ from veritas_resilience.testing import FakeClock, RecordingHook
 
 pytestmark = pytest.mark.anyio
 
-SCHEMA = json.loads((Path(__file__).parent / "health_json_schema.json").read_text())
 TOKEN = "tok-3b1f9e"
 DSN_PASSWORD = "pg-Secret-41d8"
 REDIS_PASSWORD = "redis-Secret-77aa"
-
-
-def validate(body: dict[str, Any]) -> None:
-    """Validate a body against the draft's schema, times included."""
-    jsonschema.Draft202012Validator(SCHEMA).validate(body)
-    for items in body.get("checks", {}).values():
-        for item in items:
-            if "time" in item:
-                datetime.fromisoformat(item["time"].replace("Z", "+00:00"))
 
 
 def client(app: Any) -> httpx.AsyncClient:

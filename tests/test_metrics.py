@@ -18,7 +18,7 @@ from veritas_resilience import (
 )
 from veritas_resilience.testing import FakeClock
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("breaker_impl")]
+pytestmark = pytest.mark.anyio
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -425,6 +425,7 @@ class StaleCache(_hooks.Instrumented):
         self._handles = handles
         self._flights: dict[tuple[int, Hashable], _Flight] = {}
         self._n = dict.fromkeys(_CACHE_OUTCOMES, 0)
+        self._serving_stale = False
         self._init_hooks(hooks)
 
     @property
@@ -445,6 +446,24 @@ class StaleCache(_hooks.Instrumented):
     def counts(self) -> dict[str, int]:
         """Operations since creation, by outcome (the labels of ``veritas_stale_cache_total``)."""
         return dict(self._n)
+
+    @property
+    def serving_stale(self) -> bool:
+        """Whether :meth:`serve_stale` turned on serving stored values without calling."""
+        return self._serving_stale
+
+    def serve_stale(self, enabled: bool = True) -> None:
+        """Serve stored values without calling the source, to take load off it; or stop.
+
+        While on, a call whose key has a stored value younger than ``max_staleness`` gets that
+        value (counted as ``stale``, or ``fresh`` within ``fresh_for``) and the source is not
+        called; a key without one still calls the source. An operator's switch, also used by
+        the alert-driven recovery (``veritas_resilience.recovery.serve_stale``).
+
+        Args:
+            enabled: ``True`` to start serving stored values, ``False`` to call the source again.
+        """
+        self._serving_stale = bool(enabled)
 
     def __repr__(self) -> str:
         return f"<StaleCache {self._name!r} max_staleness={self._max_staleness:g}s>"
@@ -493,14 +512,15 @@ class StaleCache(_hooks.Instrumented):
         kwargs: dict[str, Any],
     ) -> T:
         """Call ``fn`` (coalesced with concurrent callers of ``key``) and remember its result."""
-        if self._fresh_for:
+        fresh_for = self._max_staleness if self._serving_stale else self._fresh_for
+        if fresh_for:
             try:
                 hit = await self._lookup(key)
             except Exception as exc:
                 self._store_failed("get", exc)
                 hit = None
-            if hit is not None and hit[1] <= self._fresh_for:
-                self._n["fresh"] += 1
+            if hit is not None and hit[1] <= fresh_for:
+                self._n["fresh" if hit[1] <= self._fresh_for else "stale"] += 1
                 return hit[0]  # type: ignore[no-any-return]
         if not self._coalesce:
             result = await fn(*args, **kwargs)

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dis
 import functools
 import inspect
 import itertools
+import linecache
 import math
-import os
 import random
-import sys
+import re
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
+from types import CodeType, CoroutineType, TracebackType
 from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, overload
 
 from . import _hooks
@@ -57,6 +58,7 @@ from .events import (
     Hook,
 )
 from .instrumentation.prometheus import HistogramValue, cumulative_buckets, define_metric
+from .limits import _name
 
 __all__ = [
     "BreakerSnapshot",
@@ -81,18 +83,6 @@ _HALF_OPEN = CircuitState.HALF_OPEN
 _FORCED_OPEN = CircuitState.FORCED_OPEN
 _DISABLED = CircuitState.DISABLED
 
-# The compiled fast path (_speedups.c): a decorated coroutine function and call() without a
-# coroutine frame of their own. VERITAS_RESILIENCE_PURE_PYTHON=1 turns it off.
-_speedups: Any
-if os.environ.get("VERITAS_RESILIENCE_PURE_PYTHON", "").strip().lower() in {"1", "true", "yes"}:
-    _speedups = None
-else:
-    try:
-        from . import _speedups
-    except ImportError:  # built without a C compiler, or another Python implementation
-        _speedups = None
-    else:
-        _speedups.setup(_CLOSED, CircuitOpenError)
 _ALL_STATES = tuple(CircuitState)
 _OUTCOMES = ("success", "failure", "ignored", "cancelled", "rejected")
 
@@ -377,6 +367,120 @@ _Permit: TypeAlias = "tuple[int, int, CircuitState, float | None]"
 _names = itertools.count(1)
 
 
+# -- the guard: the one body of every form of call -----------------------------------------------
+#
+# The decorator (async and sync), call() and call_sync() all run this code. It is written once
+# and compiled at import into the four forms, because an async form is only fast when the guard is
+# the caller's coroutine itself: delegating to a shared coroutine would add a coroutine frame to
+# every call, more than the rest of the closed path costs. Lines marked "# async" or "# sync"
+# belong to that kind only; `successes` is the success counter (a closure variable in the
+# decorated forms, an attribute read in the methods).
+#
+# CLOSED with nothing to decide (see _update_fast): one attribute read before the call, a counter
+# increment after it, no lock, no allocation. A plain OPEN rejection is decided here too, without
+# a lock. Everything else goes through _acquire()/_on_result()/_on_exception().
+_GUARD = """\
+    gen = breaker._fast_gen
+    if gen is not None:
+        try:
+            result = await fn(*args, **kwargs)  # async
+            result = fn(*args, **kwargs)  # sync
+        except BaseException as exc:
+            breaker._on_exception((gen, 0, _CLOSED, None), exc, fn)
+            raise
+        if type(result) is _CoroutineType:  # sync
+            raise breaker._not_sync((gen, 0, _CLOSED, None), fn, result)  # sync
+        next(successes)
+        if breaker._failures and breaker._gen == gen:
+            breaker._failures = 0
+        return result
+    if breaker._state is _OPEN:
+        now = breaker._now()
+        if now < breaker._reopen_at:
+            raise breaker._reject_open(now)
+    permit = breaker._acquire()
+    try:
+        result = await fn(*args, **kwargs)  # async
+        result = fn(*args, **kwargs)  # sync
+    except BaseException as exc:
+        breaker._on_exception(permit, exc, fn)
+        raise
+    if type(result) is _CoroutineType:  # sync
+        raise breaker._not_sync(permit, fn, result)  # sync
+    breaker._on_result(permit, result)
+    return result
+"""
+
+_CoroutineType = CoroutineType
+_GET_AWAITABLE = dis.opmap["GET_AWAITABLE"]
+#: The code of every compiled guard (see _awaited_a_non_awaitable).
+_GUARD_CODES: set[CodeType] = set()
+
+
+def _compile_guard(form: str, *, is_async: bool, method: bool) -> Callable[..., Any]:
+    """Compile _GUARD into one form: a method, or a factory ``(breaker, fn, successes)``."""
+    keep, drop = ("# async", "# sync") if is_async else ("# sync", "# async")
+    body = [
+        line.removesuffix(keep).rstrip() for line in _GUARD.splitlines() if not line.endswith(drop)
+    ]
+    prefix = "async " if is_async else ""
+    if method:
+        lines = [f"{prefix}def {form}(self, fn, /, *args, **kwargs):"]
+        body = [line.replace("next(successes)", "next(self._n_success)") for line in body]
+        lines += [re.sub(r"\bbreaker\b", "self", line) for line in body]
+    else:
+        lines = ["def make(breaker, fn, successes):", f"    {prefix}def {form}(*args, **kwargs):"]
+        lines += [f"    {line}" if line else line for line in body]
+        lines.append(f"    return {form}")
+    source = "\n".join(lines) + "\n"
+    filename = f"<veritas_resilience.circuit_breaker guard: {form}>"
+    # Tracebacks through a guard show its source, as for any other module's code.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {}
+    code = compile(source, filename, "exec")
+    exec(code, globals(), namespace)
+    _GUARD_CODES.update(_nested_codes(code))
+    return namespace[form if method else "make"]  # type: ignore[no-any-return]
+
+
+def _nested_codes(code: CodeType) -> Iterator[CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _nested_codes(const)
+
+
+def _awaited_a_non_awaitable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the TypeError of a guard's own ``await`` on what fn returned.
+
+    The guard keeps no reference to that object (it would cost every call), so the error is
+    recognised where it was raised: in a guard's frame, not deeper, by its ``await`` itself
+    (the GET_AWAITABLE instruction). A TypeError raised by the dependency has frames below the
+    guard's, or was raised by another instruction.
+    """
+    tb = exc.__traceback__
+    if type(exc) is not TypeError or tb is None or tb.tb_next is not None:
+        return False
+    code = tb.tb_frame.f_code
+    return code in _GUARD_CODES and code.co_code[tb.tb_lasti] == _GET_AWAITABLE
+
+
+_async_guard = _compile_guard("async_guard", is_async=True, method=False)
+_sync_guard = _compile_guard("sync_guard", is_async=False, method=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guard_method(declared: F) -> F:
+    """Replace a declared ``call``/``call_sync`` (its signature and docs) by the compiled guard."""
+    guard = _compile_guard(
+        declared.__name__, is_async=inspect.iscoroutinefunction(declared), method=True
+    )
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(guard, attr, getattr(declared, attr))
+    return guard  # type: ignore[return-value]
+
+
 class CircuitBreaker(_hooks.Instrumented):
     """A circuit breaker for async and sync callables.
 
@@ -394,7 +498,10 @@ class CircuitBreaker(_hooks.Instrumented):
 
     Args:
         name: Used in errors, logs and metric labels; keep it bounded (one per dependency).
-            A unique ``breaker-N`` by default.
+            When None, the breaker is named ``breaker-N``, N counting the unnamed breakers of the
+            process from 1. That suits tests and scripts; in a service, name each breaker: an
+            auto-name depends on the order of creation, so it changes between releases and
+            says nothing on a dashboard.
         failure_threshold: Failures in a row (>= 1) that open the breaker. Ignored when ``trip``
             is given.
         reset_timeout: Seconds (> 0) the breaker stays open before admitting a probe. Ignored
@@ -450,11 +557,7 @@ class CircuitBreaker(_hooks.Instrumented):
         hooks: Sequence[Hook] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if name is None:
-            name = f"breaker-{next(_names)}"
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
-        self._name = name
+        self._name = _name(name, "breaker", _names)
         self._failure_threshold = _positive_int(failure_threshold, "failure_threshold")
         self._reset_timeout = _seconds(reset_timeout, "reset_timeout")
         self._success_threshold = _positive_int(success_threshold, "success_threshold")
@@ -522,14 +625,7 @@ class CircuitBreaker(_hooks.Instrumented):
         self._transitions: dict[tuple[CircuitState, CircuitState], int] = {}
         self._permits = ContextVar(f"veritas_breaker_permits_{id(self)}", default=())
 
-        self._core: Any = None
         self._init_hooks(hooks)
-        if _speedups is not None:
-            self._core = _speedups.Core(self)
-            self._update_fast()
-            # The compiled call(): an attribute of the instance, ahead of the method, so that a
-            # call costs no Python frame. Same signature and behaviour as the method.
-            self.call = self._core.call  # type: ignore[method-assign]
 
     # -- configuration and inspection ------------------------------------------------------
 
@@ -624,33 +720,17 @@ class CircuitBreaker(_hooks.Instrumented):
         self._update_fast()
 
     def _update_fast(self) -> None:
-        # The fast path handles CLOSED with failures in a row, no verdict to draw from the result
-        # or its duration, and no success event: a success costs a counter increment (plus the
-        # histogram when record_duration is on).
-        self._fast = (
+        # The fast path (see _GUARD) handles CLOSED with failures in a row, no verdict to draw
+        # from the result or its duration, and no success event: a success costs a counter
+        # increment. _fast_gen is the generation while it applies, None otherwise.
+        fast = (
             self._state is _CLOSED
             and self._window is None
-            and self._slow is None
+            and not self._timed
             and self._failure_on_result is None
             and not self._w_success
         )
-        core = self._core
-        if core is not None:
-            # Tell the compiled path which of its two fast cases applies: the CLOSED fast path
-            # (the generation), OPEN with no hook to tell of rejections (when it may half-open),
-            # or neither (None: Python decides).
-            core.set_path(
-                self._gen
-                if self._fast
-                else float(self._reopen_at)
-                if self._state is _OPEN and not self._w_rejected
-                else None
-            )
-
-    def _fast_success_reset(self, gen: int) -> None:
-        # A fast-path success after failures in a row, from the compiled path.
-        if self._failures and self._gen == gen:
-            self._failures = 0
+        self._fast_gen = self._gen if fast else None
 
     # -- state machine (call with self._lock held) --------------------------------------------
 
@@ -867,8 +947,20 @@ class CircuitBreaker(_hooks.Instrumented):
         if event is not None:
             self._emit(event)
 
-    def _on_exception(self, permit: _Permit, exc: BaseException) -> None:
+    def _on_exception(
+        self, permit: _Permit, exc: BaseException, fn: Callable[..., Any] | None = None
+    ) -> None:
         gen, token, state, start = permit
+        if fn is not None and _awaited_a_non_awaitable(exc):
+            # The function handed to call() is not async: a mistake at the call site, which
+            # says nothing about the dependency.
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            raise self._misuse(
+                permit,
+                exc,
+                f"call() awaits what its function returns, and {name} did not return an "
+                f"awaitable ({exc}): use call_sync() for a plain function",
+            ) from None
         if not isinstance(exc, Exception):
             # Cancellation, KeyboardInterrupt, SystemExit, GeneratorExit: never a verdict.
             self._release(token)
@@ -900,49 +992,46 @@ class CircuitBreaker(_hooks.Instrumented):
             with self._lock:
                 self._probes.pop(token, None)
 
+    def _not_sync(self, permit: _Permit, fn: Callable[..., Any], result: Any) -> TypeError:
+        # A sync form whose function gave back a coroutine: it cannot be run from here.
+        result.close()  # the TypeError says what happened; no "never awaited" warning on top
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        return self._misuse(
+            permit,
+            None,
+            f"{name} returned a coroutine, which a sync call cannot await: use "
+            "`await breaker.call(fn, ...)`, or decorate an async function",
+        )
+
+    def _misuse(self, permit: _Permit, cause: BaseException | None, message: str) -> TypeError:
+        # A call that never reached the dependency: neither success nor failure (counted as
+        # ignored), and the half-open slot it held goes back.
+        token, state = permit[1], permit[2]
+        self._release(token)
+        error = TypeError(f"circuit breaker {self._name!r}: {message}")
+        error.__cause__ = cause
+        next(self._n_ignored)
+        if self._w_ignored:
+            self._emit(BreakerCallIgnored(name=self._name, state=state, error=error))
+        return error
+
     # -- forms of use ---------------------------------------------------------------------------
 
-    def call(
-        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Coroutine[Any, Any, T]:
+    @_guard_method
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` through the breaker: ``await breaker.call(fn, ...)``.
 
-        Returns a coroutine-like awaitable; nothing happens until it is awaited, and ``fn`` is
-        called only once the breaker admits the call.
+        Nothing happens until the returned coroutine is awaited, and ``fn`` is called only once
+        the breaker admits the call.
 
         Raises:
             CircuitOpenError: If the breaker rejects the call; ``fn`` is not called.
+            TypeError: If ``fn`` returns something that cannot be awaited (a plain function:
+                use :meth:`call_sync`). Not counted as a failure.
         """
-        core = self._core
-        if core is not None and _speedups is not None:
-            return core.call(fn, *args, **kwargs)  # type: ignore[no-any-return]
-        return self._call(fn, *args, **kwargs)
+        raise NotImplementedError  # the body is _GUARD's
 
-    async def _call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        # Keep in step with the wrapper built in __call__, which inlines the same code.
-        if self._fast:
-            gen = self._gen
-            start = self._now() if self._record_duration else None
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                self._on_exception((gen, 0, _CLOSED, start), exc)
-                raise
-            if start is not None:
-                self._observe(start)
-            next(self._n_success)
-            if self._failures and self._gen == gen:
-                self._failures = 0
-            return result
-        permit = self._acquire()
-        try:
-            result = await fn(*args, **kwargs)
-        except BaseException as exc:
-            self._on_exception(permit, exc)
-            raise
-        self._on_result(permit, result)
-        return result
-
+    @_guard_method
     def call_sync(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` (a plain function) through the breaker.
 
@@ -950,29 +1039,10 @@ class CircuitBreaker(_hooks.Instrumented):
 
         Raises:
             CircuitOpenError: If the breaker rejects the call; ``fn`` is not called.
+            TypeError: If ``fn`` returns a coroutine (an async function: use :meth:`call`).
+                Not counted as a failure.
         """
-        if self._fast:
-            gen = self._gen
-            start = self._now() if self._record_duration else None
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                self._on_exception((gen, 0, _CLOSED, start), exc)
-                raise
-            if start is not None:
-                self._observe(start)
-            next(self._n_success)
-            if self._failures and self._gen == gen:
-                self._failures = 0
-            return result
-        permit = self._acquire()
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            self._on_exception(permit, exc)
-            raise
-        self._on_result(permit, result)
-        return result
+        raise NotImplementedError  # the body is _GUARD's
 
     @overload
     def __call__(
@@ -983,68 +1053,30 @@ class CircuitBreaker(_hooks.Instrumented):
     def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate an ``async def`` or plain function so every call goes through the breaker."""
-        if self._core is not None and _speedups is not None and _is_coroutine_function(fn):
-            return _compiled_wrapper(self, fn, sync=False)
-        if inspect.iscoroutinefunction(fn):
-            breaker = self
-            acquire, on_exception, on_result = self._acquire, self._on_exception, self._on_result
-            count_success = self._n_success
-            timed, read_clock, observe = self._record_duration, self._now, self._observe
+        """Decorate an ``async def`` or plain function so every call goes through the breaker.
 
-            # The body of call(), inlined: one coroutine frame less is a third of the overhead.
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if breaker._fast:
-                    gen = breaker._gen
-                    if timed:
-                        start = read_clock()
-                        try:
-                            result = await fn(*args, **kwargs)
-                        except BaseException as exc:
-                            on_exception((gen, 0, _CLOSED, start), exc)
-                            raise
-                        observe(start)
-                    else:
-                        try:
-                            result = await fn(*args, **kwargs)
-                        except BaseException as exc:
-                            on_exception((gen, 0, _CLOSED, None), exc)
-                            raise
-                    next(count_success)
-                    if breaker._failures and breaker._gen == gen:
-                        breaker._failures = 0
-                    return result
-                if breaker._state is _OPEN:
-                    now = breaker._now()
-                    if now < breaker._reopen_at:
-                        raise breaker._reject_open(now)
-                permit = acquire()
-                try:
-                    result = await fn(*args, **kwargs)
-                except BaseException as exc:
-                    on_exception(permit, exc)
-                    raise
-                on_result(permit, result)
-                return result
+        The decorated function keeps the name, docstring, signature and ``__wrapped__`` of
+        ``fn``; an async one passes :func:`inspect.iscoroutinefunction`.
 
-            async_wrapper.breaker = self  # type: ignore[attr-defined]
-            return async_wrapper
+        Raises:
+            TypeError: If ``fn`` is not callable, or is a generator function (its outcome is
+                not known when it returns).
+        """
+        if not callable(fn):
+            raise TypeError(
+                f"a circuit breaker decorates a function or another callable, "
+                f"got {type(fn).__qualname__}: {fn!r}"
+            )
         if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
             raise TypeError(
                 "a circuit breaker cannot decorate a generator function: its outcome is not "
                 "known when it returns; wrap the code that consumes it instead"
             )
-        if self._core is not None and _speedups is not None and inspect.isfunction(fn):
-            return _compiled_wrapper(self, fn, sync=True)
-        call_sync = self.call_sync
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return call_sync(fn, *args, **kwargs)
-
-        sync_wrapper.breaker = self  # type: ignore[attr-defined]
-        return sync_wrapper
+        make = _async_guard if _is_async_callable(fn) else _sync_guard
+        guard = make(self, fn, self._n_success)
+        functools.update_wrapper(guard, fn)
+        guard.breaker = self
+        return guard  # type: ignore[no-any-return]
 
     async def __aenter__(self) -> CircuitBreaker:
         self._enter()
@@ -1111,29 +1143,21 @@ class CircuitBreaker(_hooks.Instrumented):
         yield "veritas_circuit_breaker_half_open_probes", (name,), float(len(self._probes))
 
 
-def _is_coroutine_function(fn: object) -> bool:
-    # A plain `async def` function, or one a compiled breaker already wrapped (not a partial or
-    # a callable object): its wrapper can stand in for it everywhere, __code__ included.
-    is_guarded = _speedups is not None and isinstance(fn, _speedups.Guarded)
-    return (inspect.isfunction(fn) or is_guarded) and inspect.iscoroutinefunction(fn)
+def _is_async_callable(fn: object) -> bool:
+    # An async function (or a partial of one), or an object whose __call__ is one.
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if isinstance(fn, type) or inspect.isroutine(fn):
+        return False
+    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
 
 
-def _compiled_wrapper(breaker: CircuitBreaker, fn: Any, *, sync: bool) -> Callable[..., Any]:
-    wrapper = _speedups.Guarded(breaker._core, fn, sync=sync)
-    functools.update_wrapper(wrapper, fn)
-    wrapper.breaker = breaker
-    # Tools that resolve string annotations with the callable's own globals (FastAPI does).
-    wrapper.__globals__ = fn.__globals__
-    if not sync:
-        # inspect.iscoroutinefunction() (which FastAPI, Starlette and others use to decide
-        # whether to await) takes a callable with a coroutine __code__ and function-like
-        # attributes for a coroutine function; Python 3.12+ also reads the marker.
-        wrapper.__code__ = fn.__code__
-        wrapper.__defaults__ = fn.__defaults__
-        wrapper.__kwdefaults__ = fn.__kwdefaults__
-        if sys.version_info >= (3, 12):
-            inspect.markcoroutinefunction(wrapper)
-    return wrapper  # type: ignore[no-any-return]
+def _same_option(a: object, b: object) -> bool:
+    # Equal values (1 == 1.0, equal dataclasses) or the same object (a clock, a predicate).
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
 
 
 def _read(counter: itertools.count[int]) -> int:
@@ -1226,16 +1250,50 @@ class CircuitBreakerRegistry:
         self._factory = factory
         self._defaults = defaults
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._options: dict[str, dict[str, Any]] = {}
+        try:
+            parameters = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):  # a factory without a signature to read
+            parameters = inspect.Signature().parameters.values()
+        # What a breaker created without an option has, to compare a later get()'s options with.
+        self._factory_defaults = {
+            p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+        }
         self._lock = threading.Lock()
 
     def get(self, name: str, **options: Any) -> CircuitBreaker:
-        """Return the breaker called ``name``, creating it with the defaults and ``options``."""
+        """Return the breaker called ``name``, creating it with the defaults and ``options``.
+
+        Raises:
+            ValueError: If the breaker exists and ``options`` differ from the options it was
+                created with (the message names them): two parts of a service configured one
+                breaker two ways.
+        """
         with self._lock:
             breaker = self._breakers.get(name)
+            wanted = {**self._defaults, **options}
             if breaker is None:
-                breaker = self._factory(name=name, **{**self._defaults, **options})
+                breaker = self._factory(name=name, **wanted)
                 self._breakers[name] = breaker
-            return breaker
+                self._options[name] = wanted
+                return breaker
+            created = {**self._factory_defaults, **self._options[name]}
+        differ = [
+            key
+            for key in sorted(options)
+            if key not in created or not _same_option(options[key], created[key])
+        ]
+        if differ:
+            raise ValueError(
+                f"circuit breaker {name!r} exists with other options: "
+                + ", ".join(
+                    f"{key}={options[key]!r} (it has {created[key]!r})"
+                    if key in created
+                    else f"{key}={options[key]!r} (it has the factory's default)"
+                    for key in differ
+                )
+            )
+        return breaker
 
     def __getitem__(self, name: str) -> CircuitBreaker:
         with self._lock:
@@ -1256,10 +1314,27 @@ class CircuitBreakerRegistry:
         return [b.snapshot() for b in sorted(self, key=lambda b: b.name)]
 
     def isolate_all(self, names: Iterable[str] | None = None) -> None:
-        """Force open every breaker (or those named): one switch to cut a dependency off."""
-        for breaker in self:
-            if names is None or breaker.name in set(names):
-                breaker.isolate()
+        """Force open every breaker, or those named: one switch to cut dependencies off.
+
+        Args:
+            names: The breakers to isolate (any iterable, a generator included); every breaker
+                in the registry when None.
+
+        Raises:
+            KeyError: If a name is not in the registry (the error lists every unknown name);
+                nothing is isolated then, so a typo cannot leave half of a switch thrown.
+        """
+        if names is None:
+            targets = list(self)
+        else:
+            wanted = list(dict.fromkeys(names))
+            with self._lock:
+                unknown = [name for name in wanted if name not in self._breakers]
+                targets = [self._breakers[name] for name in wanted if name in self._breakers]
+            if unknown:
+                raise KeyError(f"no circuit breaker named {', '.join(map(repr, unknown))}")
+        for breaker in targets:
+            breaker.isolate()
 
     def reset_all(self) -> None:
         """Reset every breaker."""

@@ -4,6 +4,8 @@ Subcommands:
 
 - ``demo``: a breaker in front of a dependency that fails and then recovers. It prints every state
   change as it happens, then the Prometheus exposition of the breaker's metrics.
+- ``rules``: the Prometheus rules (or, with ``--dashboard``, the Grafana dashboard), adapted.
+- ``serve``: the health endpoints and the Alertmanager receiver in one uvicorn server.
 """
 
 from __future__ import annotations
@@ -84,9 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a breaker opening, half-opening and closing")
     demo.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    from .recovery._cli import add_commands as add_recovery_commands
+
+    add_recovery_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         anyio.run(_demo, args.backend, backend=args.backend)
+    elif getattr(args, "run", None) is not None:
+        return int(args.run(args))
     return 0
 
 

@@ -40,6 +40,18 @@ def to_dict(report: HealthReport, *, details: bool) -> dict[str, Any]:
     checks: dict[str, list[dict[str, Any]]] = {}
     for name, result in report.checks.items():
         stamp = None if result.time is None or not details else _iso(result.time)
+        if result.observations:
+            # The check's own verdict, beside its readings: its status can differ from the
+            # worst reading's (a degraded cluster), and its output says why.
+            summary: dict[str, Any] = {"status": result.status.value}
+            if details:
+                if result.component_type is not None:
+                    summary["componentType"] = result.component_type
+                if stamp is not None:
+                    summary["time"] = stamp
+                if result.output is not None and result.status.value != "pass":
+                    summary["output"] = result.output
+            checks[name] = [summary]
         for reading in result.readings():
             key = name if reading.measurement is None else f"{name}:{reading.measurement}"
             item: dict[str, Any] = {"status": reading.status.value}

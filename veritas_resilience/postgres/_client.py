@@ -153,6 +153,24 @@ define_metric(
 )
 define_metric("veritas_postgres_promotions", "counter",
               "Standbys promoted by the client itself (auto_promote).", ("client",))  # fmt: skip
+define_metric(
+    "veritas_postgres_writes_blocked",
+    "gauge",
+    "Whether writes are stopped altogether (one-hot by reason: split_brain, system_identifier).",
+    ("client", "reason"),
+)
+define_metric(
+    "veritas_postgres_replication_lag_limit_bytes",
+    "gauge",
+    "The client's max_lag_bytes: a standby further behind serves no reads (absent: no limit).",
+    ("client",),
+)
+define_metric(
+    "veritas_postgres_replication_lag_limit_seconds",
+    "gauge",
+    "The client's max_lag_seconds: a standby further behind serves no reads (absent: no limit).",
+    ("client",),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +483,8 @@ class FailoverClient(Instrumented):
             max_lag_seconds, "max_lag_seconds", allow_zero=True
         )  # fmt: skip
         self._min_size = min_size
+        self._max_lag_bytes = max_lag_bytes
+        self._max_lag_seconds = lag_seconds
         self._max_size = _positive_int(max_size, "max_size")
         self._max_queries = _positive_int(max_queries, "max_queries")
         self._max_inactive = _seconds(
@@ -1493,6 +1513,18 @@ class FailoverClient(Instrumented):
         for outcome, count in self._ryw_counts.items():
             yield "veritas_postgres_read_your_writes", (name, outcome), float(count)
         yield "veritas_postgres_promotions", (name,), float(self._promotions)
+        blocked = topo.writes_blocked
+        for reason in ("split_brain", "system_identifier"):
+            on = blocked is not None and blocked[0] == reason
+            yield "veritas_postgres_writes_blocked", (name, reason), 1.0 if on else 0.0
+        if self._max_lag_bytes is not None:
+            yield (
+                "veritas_postgres_replication_lag_limit_bytes",
+                (name,),
+                float(self._max_lag_bytes),
+            )
+        if self._max_lag_seconds is not None:
+            yield "veritas_postgres_replication_lag_limit_seconds", (name,), self._max_lag_seconds
 
 
 def _add(tried: set[NodeRuntime] | None, node: NodeRuntime) -> set[NodeRuntime]:
