@@ -6,6 +6,9 @@ Subcommands:
   change as it happens, then the Prometheus exposition of the breaker's metrics.
 - ``rules``: the Prometheus rules (or, with ``--dashboard``, the Grafana dashboard), adapted.
 - ``serve``: the health endpoints and the Alertmanager receiver in one uvicorn server.
+- ``drill``: a failover drill on real servers (started on loopback, or yours); exits non-zero
+  when a scenario fails.
+- ``proxy``: the TCP fault proxy server with Toxiproxy's HTTP API.
 """
 
 from __future__ import annotations
@@ -89,7 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .recovery._cli import add_commands as add_recovery_commands
 
     add_recovery_commands(sub)
+    from .chaos import _cli as proxy_cli
+    from .drill import _cli as drill_cli
+
+    drill_cli.add_arguments(sub.add_parser("drill", help="a failover drill on real servers"))
+    proxy_cli.add_arguments(sub.add_parser("proxy", help="a fault proxy with Toxiproxy's API"))
     args = parser.parse_args(argv)
+    if args.command == "drill":
+        return drill_cli.run(args)
+    if args.command == "proxy":
+        return proxy_cli.run(args)
     if args.command == "demo":
         anyio.run(_demo, args.backend, backend=args.backend)
     elif getattr(args, "run", None) is not None:

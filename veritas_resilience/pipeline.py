@@ -7,7 +7,7 @@ the retry (the retry never sees a failure). :class:`Pipeline` always nests them 
 outermost first::
 
     fallback ─► retry ─► rate limiter ─► circuit breaker ─► adaptive limit ─► bulkhead
-             ─► hedge ─► timeout ─► your function
+             ─► hedge ─► timeout ─► (chaos) ─► your function
 
 - **fallback** is outermost: it answers only when everything inside has given up.
 - **retry** wraps the breaker: every attempt is one call the breaker counts, and an open breaker
@@ -21,8 +21,10 @@ outermost first::
 - **bulkhead** wraps the hedge and the timeout: time spent queueing for a slot is not charged to
   the call, and a hedged call holds one slot however many attempts it races.
 - **hedge** wraps the timeout: each attempt gets the full time, and the first success wins.
-- **timeout** is innermost: each attempt gets the full time, and each expiry is one failure for
+- **timeout** comes next: each attempt gets the full time, and each expiry is one failure for
   the breaker and one retryable ``TimeoutError`` for the retry (counted once by each).
+- **chaos** (:mod:`veritas_resilience.chaos` injectors), when given, is innermost: an injected
+  fault or delay reaches every policy exactly as a real one would.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from ._adaptive import AdaptiveLimit
 from ._fallback import FallbackChain, FallbackStep, StaleCache
@@ -56,9 +58,39 @@ ORDER = (
     "hedge",
     "timeout",
 )
-"""The order policies are applied in, outermost first."""
+"""The order policies are applied in, outermost first (chaos injectors, if any, go inside)."""
+_KINDS = (*ORDER, "chaos")
 
 _pipeline_names = itertools.count(1)
+
+
+class ChaosStep(Protocol):
+    """What ``Pipeline(chaos=...)`` takes: a named decorator, such as a chaos injector."""
+
+    @property
+    def name(self) -> str:
+        """The step's name."""
+        ...
+
+    def __call__(self, fn: Callable[..., Awaitable[Any]], /) -> Callable[..., Awaitable[Any]]:
+        """Wrap ``fn``."""
+        ...
+
+
+class _ChaosSteps:
+    """Several chaos steps applied in the order given, the first outermost."""
+
+    def __init__(self, steps: Sequence[ChaosStep]) -> None:
+        for step in steps:
+            if not (callable(step) and isinstance(getattr(step, "name", None), str)):
+                raise TypeError(f"chaos steps must be injectors (named decorators), got {step!r}")
+        self.steps = tuple(steps)
+        self.name = "+".join(step.name for step in self.steps)
+
+    def __call__(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        for step in reversed(self.steps):
+            fn = step(fn)
+        return fn
 
 
 class Pipeline:
@@ -93,6 +125,8 @@ class Pipeline:
         rate_limiter: A :class:`~veritas_resilience.RateLimiter`.
         adaptive_limit: An :class:`~veritas_resilience.AdaptiveLimit`.
         hedge: A :class:`~veritas_resilience.Hedge` (only for calls safe to repeat).
+        chaos: A :mod:`~veritas_resilience.chaos` injector or a list of them (the first
+            outermost), applied inside every other policy.
 
     Raises:
         TypeError: If a policy is of the wrong type.
@@ -113,6 +147,7 @@ class Pipeline:
         rate_limiter: RateLimiter | None = None,
         adaptive_limit: AdaptiveLimit | None = None,
         hedge: Hedge | None = None,
+        chaos: ChaosStep | Sequence[ChaosStep] | None = None,
     ) -> None:
         self._name = _name(name, "pipeline", _pipeline_names)
         if fallback is not None and not isinstance(fallback, FallbackChain):
@@ -136,11 +171,26 @@ class Pipeline:
             bulkhead = Bulkhead(bulkhead, name=self._name)
         if timeout is not None and not isinstance(timeout, Timeout):
             timeout = Timeout(timeout, name=self._name)
+        chaos_steps = None
+        if chaos is not None:
+            chaos_steps = _ChaosSteps(
+                list(chaos) if isinstance(chaos, (list, tuple)) else [chaos]  # type: ignore[list-item]
+            )
         policies: list[tuple[str, Any]] = [
             (kind, policy)
             for kind, policy in zip(
-                ORDER,
-                (fallback, retry, rate_limiter, breaker, adaptive_limit, bulkhead, hedge, timeout),
+                _KINDS,
+                (
+                    fallback,
+                    retry,
+                    rate_limiter,
+                    breaker,
+                    adaptive_limit,
+                    bulkhead,
+                    hedge,
+                    timeout,
+                    chaos_steps,
+                ),
             )
             if policy is not None
         ]

@@ -228,6 +228,7 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience.redis._events",
     "veritas_resilience.health._registry",
     "veritas_resilience.recovery._events",
+    "veritas_resilience.chaos._inject",
     "veritas_resilience._rate",
     "veritas_resilience._hedge",
     "veritas_resilience._adaptive",
