@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -201,6 +202,10 @@ def follow_time(trace: list[tuple[float, int]], after: float, good: Callable[[in
     return float("nan")
 
 
+def _seconds(value: float) -> str:
+    return "not within the phase" if math.isnan(value) else f"{value:.1f} s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run; writes nothing")
@@ -242,7 +247,8 @@ def main() -> None:
         down = follow_time(trace, 10.0, lambda v: v <= 30)
         up = follow_time(trace, 20.0, lambda v: v >= 80)
         lines.append(
-            f"| {result.name} | {at(9.9)} | {at(19.9)} | {at(29.9)} | {down:.1f} s | {up:.1f} s |"
+            f"| {result.name} | {at(9.9)} | {at(19.9)} | {at(29.9)} | {_seconds(down)} | "
+            f"{_seconds(up)} |"
         )
     body = "\n".join(lines)
     print(body)
