@@ -176,3 +176,16 @@ def test_bad_settings_name_the_parameter(kwargs: dict[str, Any], message: str) -
     """Out-of-range settings raise ValueError naming the parameter and the range."""
     with pytest.raises(ValueError, match=message):
         AdaptiveLimit(**kwargs)
+
+
+async def test_a_dependency_slower_for_good_gets_a_new_baseline(clock: FakeClock) -> None:
+    """Vegas re-learns its no-load latency: after a lasting slowdown the limit comes back up."""
+    limit = AdaptiveLimit(initial_limit=10, max_limit=100, clock=clock, hooks=[])
+    await rounds(limit, clock, 0.010, 40)
+    grown = limit.limit
+    await rounds(limit, clock, 0.050, 10)
+    shrunk = limit.limit
+    assert shrunk < grown
+    await rounds(limit, clock, 0.050, 120)  # the new normal
+    assert limit.baseline == pytest.approx(0.050)
+    assert limit.limit > shrunk

@@ -15,9 +15,9 @@ Two algorithms, as in concurrency-limits:
   ``log10(limit)`` while it is below ``3·log10(limit)``, and takes ``log10(limit)`` off when a
   call timed out or the queue is above ``6·log10(limit)`` (half the excess queue, up to half the
   limit, when that is more: a dependency that lost most of its capacity is followed in seconds,
-  not minutes). The no-load ``min_rtt`` is re-learned every
-  ``30 · limit`` samples or so (jittered) from the fastest call seen meanwhile, so a dependency
-  that got slower for good is not mistaken for a queueing one for long.
+  not minutes). The no-load ``min_rtt`` is re-learned every ``30 · limit`` calls or so
+  (jittered) from the fastest window seen meanwhile, so a dependency that got slower for good is
+  not mistaken for a queueing one for long.
 - ``"gradient"`` (Gradient2) compares each latency with a long-term average and multiplies the
   limit by ``clamp(1.5 · long / short, 0.5, 1)``, plus a headroom of ``sqrt(limit)``, smoothed.
 
@@ -344,7 +344,8 @@ class AdaptiveLimit(_hooks.Instrumented):
         self._probe_count += 1
         if rtt < self._window_min:
             self._window_min = rtt
-        if self._probe_count >= self._probe_jitter * 30 * estimate:
+        # Every 30 * limit calls or so, as concurrency-limits does (a sample is a window of calls).
+        if self._probe_count * _WINDOW_SAMPLES >= self._probe_jitter * 30 * estimate:
             self._probe_count = 0
             self._probe_jitter = self._rng.uniform(0.5, 1.0)
             self._min_rtt = self._window_min
