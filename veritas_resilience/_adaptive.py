@@ -31,14 +31,13 @@ latency at low load says nothing about capacity.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, ParamSpec, TypeAlias, TypeVar
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import MONOTONIC, Clock
 from ._validate import ExceptionMatcher
 from ._validate import fraction as _fraction
@@ -48,7 +47,6 @@ from .errors import ConcurrencyLimitError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric
 from .instrumentation.structlog import LOGGED_EVENTS
-from .limits import _name, _require_async
 
 __all__ = ["AdaptiveAlgorithm", "AdaptiveLimit", "AdaptiveLimitChanged", "AdaptiveLimitRejected"]
 
@@ -128,7 +126,6 @@ class AdaptiveLimitRejected(Event):
 
 LOGGED_EVENTS.add(AdaptiveLimitChanged)
 
-_limit_names = itertools.count(1)
 
 # Latencies are averaged over a window of at least this many calls and this many baseline
 # latencies before the algorithm sees them: single calls are too noisy to compare with a minimum.
@@ -207,8 +204,8 @@ class AdaptiveLimit(_hooks.Instrumented):
         drop = _matcher(drop_on, "drop_on")
         assert drop is not None
         self._is_drop = drop
-        self._name = _name(name, "adaptive-limit", _limit_names)
-        self._now = clock.monotonic
+        self._name = _validate.name(name, "adaptive-limit")
+        self._now = _validate.clock(clock).monotonic
         self._estimate = float(initial)
         self._limit = initial
         self._reported = initial
@@ -413,7 +410,7 @@ class AdaptiveLimit(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs under the limit."""
-        _require_async(fn, "AdaptiveLimit")
+        _validate.require_async(fn, "AdaptiveLimit")
         admit, finish, is_drop = self._admit, self._finish, self._is_drop
 
         # The body of call(), inlined: one coroutine frame less.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -28,7 +27,7 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import anyio
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import MONOTONIC, Clock
 from ._validate import Seconds
 from ._validate import percent as _percent
@@ -38,7 +37,6 @@ from .circuit_breaker import CircuitBreaker
 from .events import CircuitState, Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric
 from .instrumentation.structlog import LOGGED_EVENTS
-from .limits import _name, _require_async
 
 __all__ = ["Hedge", "HedgeBudgetExhausted", "HedgeSkipped", "HedgeStarted"]
 
@@ -130,7 +128,6 @@ LOGGED_EVENTS.add(HedgeBudgetExhausted)
 
 _PENDING: Any = object()
 _get_running_loop = asyncio._get_running_loop
-_hedge_names = itertools.count(1)
 
 # Latency samples kept for the percentile, how many before it replaces ``initial_delay``, and
 # how often (in new samples) it is recomputed: sorting a few hundred floats costs microseconds.
@@ -262,8 +259,8 @@ class Hedge(_hooks.Instrumented):
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {breaker!r}")
         self._breaker = breaker
-        self._name = _name(name, "hedge", _hedge_names)
-        self._clock = clock
+        self._name = _validate.name(name, "hedge")
+        self._clock = _validate.clock(clock, sleeps=True)
         self._now = clock.monotonic
         # On asyncio the race runs on plain tasks when the delay can be a timer: the loop's
         # (the default clock) or the clock's own (one with call_at, such as FakeClock).
@@ -580,7 +577,7 @@ class Hedge(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function (safe to repeat) so slow calls are hedged."""
-        _require_async(fn, "Hedge")
+        _validate.require_async(fn, "Hedge")
         race = self._race
         single = self._max_attempts == 1
 

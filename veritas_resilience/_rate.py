@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, ParamSpec, TypeAlias, 
 
 import anyio
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import MONOTONIC, Clock
 from ._validate import Seconds
 from ._validate import fraction as _fraction
@@ -48,7 +48,6 @@ from .errors import RateLimitedError
 from .events import Event, Hook
 from .instrumentation.prometheus import HistogramValue, define_metric
 from .instrumentation.structlog import LOGGED_EVENTS, error_fields
-from .limits import _name, _require_async
 
 if TYPE_CHECKING:  # redis is imported by whoever builds the client, never by this module
     from redis.asyncio import Redis
@@ -262,7 +261,6 @@ return 0
 
 # -- the limiter --------------------------------------------------------------------------------
 
-_limiter_names = itertools.count(1)
 _reservations = itertools.count(1)
 
 
@@ -350,8 +348,8 @@ class RateLimiter(_hooks.Instrumented):
             raise TypeError(f"key must be a function of the call's arguments, got {key!r}")
         self._key = key
         self._max_keys = _positive_int(max_keys, "max_keys")
-        self._name = _name(name, "rate-limiter", _limiter_names)
-        self._clock = clock
+        self._name = _validate.name(name, "rate-limiter")
+        self._clock = _validate.clock(clock, sleeps=True)
         self._now = clock.monotonic
         self._state: _State = self._new_state(self._rate, self._burst)
         self._keys: OrderedDict[Hashable, _State] = OrderedDict()
@@ -616,7 +614,7 @@ class RateLimiter(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call first takes a permit."""
-        _require_async(fn, "RateLimiter")
+        _validate.require_async(fn, "RateLimiter")
         if self._key is not None or self._redis is not None or self._max_wait > 0:
             call = self.call
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 __all__ = [
     "BulkheadFullError",
+    "CacheMissError",
     "CircuitOpenError",
     "ConcurrencyLimitError",
     "RateLimitedError",
@@ -39,6 +40,18 @@ __all__ = [
 
 class ResilienceError(Exception):
     """Root of every error raised by veritas-resilience."""
+
+
+def public_type_name(error: BaseException) -> str:
+    """The name of ``error``'s class, or of its nearest public base when the class is private.
+
+    Logs, events and messages name error types with it, so an internal class (``_NotSent``)
+    never shows up where users and operators read: they see the type they can catch.
+    """
+    for cls in type(error).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return "BaseException"  # pragma: no cover - BaseException itself is public
 
 
 class CircuitOpenError(ResilienceError):
@@ -93,9 +106,30 @@ class ServiceUnavailableError(ResilienceError):
 
     def __str__(self) -> str:
         causes = "; ".join(
-            f"{step}: {type(err).__name__}: {err}" for step, err in zip(self.steps, self.errors)
+            f"{step}: {public_type_name(err)}: {err}" for step, err in zip(self.steps, self.errors)
         )
         return f"service {self.name!r} is temporarily unavailable ({causes or 'no step ran'})"
+
+
+class CacheMissError(ResilienceError):
+    """A stale cache had no value for the call, or only one older than its ``max_staleness``.
+
+    Attributes:
+        name: The cache's name.
+        reason: ``"missing"`` or ``"expired"``.
+        age: The age in seconds of the value that was too old, else None.
+    """
+
+    def __init__(self, name: str, reason: str, age: float | None = None) -> None:
+        super().__init__(name, reason, age)
+        self.name = name
+        self.reason = reason
+        self.age = age
+
+    def __str__(self) -> str:
+        if self.age is None:
+            return f"stale cache {self.name!r} has no value for this call"
+        return f"stale cache {self.name!r} has only a value {self.age:.3f}s old ({self.reason})"
 
 
 class RetryBudgetExhaustedError(ResilienceError):

@@ -29,18 +29,18 @@ outermost first::
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from . import _hooks, _validate
 from ._adaptive import AdaptiveLimit
 from ._fallback import FallbackChain, FallbackStep, StaleCache
 from ._hedge import Hedge
 from ._rate import RateLimiter
 from ._validate import Seconds
 from .circuit_breaker import CircuitBreaker
-from .limits import Bulkhead, Timeout, _name, _require_async
+from .limits import Bulkhead, Timeout
 from .retry import Retry
 
 __all__ = ["ORDER", "Pipeline"]
@@ -60,8 +60,6 @@ ORDER = (
 )
 """The order policies are applied in, outermost first (chaos injectors, if any, go inside)."""
 _KINDS = (*ORDER, "chaos")
-
-_pipeline_names = itertools.count(1)
 
 
 class ChaosStep(Protocol):
@@ -115,7 +113,9 @@ class Pipeline:
 
     Args:
         name: Names the policies built here from shorthands (``timeout=2.0``, ``bulkhead=10``,
-            ``fallback=[...]``); ``pipeline-N`` by default.
+            ``fallback=[...]``) and the policies given without a name of their own (a
+            ``CircuitBreaker()`` that would be ``breaker-N``, and the stale cache of the fallback
+            chain); ``pipeline-N`` by default, which renames nothing.
         fallback: A :class:`~veritas_resilience.FallbackChain`, or a sequence of steps
             to build one from.
         retry: A :class:`~veritas_resilience.retry.Retry`.
@@ -149,7 +149,7 @@ class Pipeline:
         hedge: Hedge | None = None,
         chaos: ChaosStep | Sequence[ChaosStep] | None = None,
     ) -> None:
-        self._name = _name(name, "pipeline", _pipeline_names)
+        self._name = _validate.name(name, "pipeline")
         if fallback is not None and not isinstance(fallback, FallbackChain):
             if not isinstance(fallback, (list, tuple)):
                 raise TypeError(
@@ -168,9 +168,9 @@ class Pipeline:
             if value is not None and not isinstance(value, kind):
                 raise TypeError(f"{field} must be a {kind.__name__}, got {value!r}")
         if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
-            bulkhead = Bulkhead(bulkhead, name=self._name)
+            bulkhead = Bulkhead(_validate.positive_int(bulkhead, "bulkhead"), name=self._name)
         if timeout is not None and not isinstance(timeout, Timeout):
-            timeout = Timeout(timeout, name=self._name)
+            timeout = Timeout(_validate.seconds(timeout, "timeout"), name=self._name)
         chaos_steps = None
         if chaos is not None:
             chaos_steps = _ChaosSteps(
@@ -196,6 +196,12 @@ class Pipeline:
         ]
         if not policies:
             raise ValueError("a pipeline needs at least one policy (fallback, retry, breaker, ...)")
+        if name is not None:
+            # Parts the user left unnamed (``breaker-3``) take the pipeline's name, as the parts
+            # built from shorthands do: one name per dependency in metrics, logs and errors.
+            for _, policy in policies:
+                if isinstance(policy, _hooks.Instrumented):  # not the chaos steps (test-time)
+                    policy._adopt_name(self._name)  # a chain passes it on to its stale cache
         self._policies = tuple(policies)
         self._fallback = fallback
         self._retry = retry
@@ -272,7 +278,7 @@ class Pipeline:
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function with every policy, in order."""
-        _require_async(fn, "Pipeline")
+        _validate.require_async(fn, "Pipeline")
         wrapped: Callable[..., Any] = fn
         # Innermost first: each policy's decorator wraps what the ones inside it built.
         for _, policy in reversed(self._policies):

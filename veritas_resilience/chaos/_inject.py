@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import itertools
 import math
 import random as _random
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -32,12 +31,11 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import anyio
 
-from .. import _hooks
+from .. import _hooks, _validate
 from .._clock import Clock
 from .._validate import Seconds, seconds
 from ..events import Event, Hook
 from ..instrumentation.prometheus import HistogramValue, define_metric
-from ..limits import _name, _require_async
 from ._errors import InjectedFaultError
 
 __all__ = [
@@ -53,7 +51,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 RandomSource = _random.Random | Callable[[], float]
-_names = itertools.count(1)
 
 define_metric(
     "veritas_chaos_injections",
@@ -125,7 +122,7 @@ class Injector(_hooks.Instrumented):
         name: str | None = None,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
-        self._name = _name(name, f"{self.injector_kind}-injector", _names)
+        self._name = _validate.name(name, f"{self.injector_kind}-injector")
         if callable(injection_rate):
             self._rate: float | Callable[[], float] = injection_rate
         else:
@@ -197,7 +194,7 @@ class Injector(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function."""
-        _require_async(fn, type(self).__name__)
+        _validate.require_async(fn, type(self).__name__)
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
