@@ -4,7 +4,7 @@ Redis (a private redis-server on a free loopback port) under asyncio."""
 from __future__ import annotations
 
 import traceback
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 import anyio
@@ -467,20 +467,6 @@ def test_redis_store_rejects_what_is_not_a_redis_client(client: Any) -> None:
 
 
 # -- Redis --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
-    """A redis.asyncio client on the kit's master, in a database of its own, flushed first."""
-    from redis.asyncio import Redis
-
-    host, port = redis_sentinel.master
-    client = Redis(host=host, port=port, db=9)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.integration

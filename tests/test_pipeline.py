@@ -90,7 +90,8 @@ def full_pipeline(clock: FakeClock, **overrides: Any) -> Pipeline:
 
 async def test_description_lists_policies_in_the_fixed_order(auto_clock: FakeClock) -> None:
     """describe() is always fallback, retry, circuit_breaker, bulkhead, timeout (those present)."""
-    assert full_pipeline(auto_clock).describe() == list(ORDER)
+    classic = ["fallback", "retry", "circuit_breaker", "bulkhead", "timeout"]
+    assert full_pipeline(auto_clock).describe() == [kind for kind in ORDER if kind in classic]
     partial = Pipeline(timeout=1.0, retry=Retry(on=OSError, hooks=[]))
     assert partial.describe() == ["retry", "timeout"]
     assert "retry" in repr(partial) and "timeout" in repr(partial)

@@ -15,6 +15,9 @@ The PostgreSQL and Redis clients live in ``veritas_resilience.postgres`` and
 
 from __future__ import annotations
 
+from ._adaptive import AdaptiveLimit as AdaptiveLimit
+from ._adaptive import AdaptiveLimitChanged as AdaptiveLimitChanged
+from ._adaptive import AdaptiveLimitRejected as AdaptiveLimitRejected
 from ._cache import MemoryStaleStore as MemoryStaleStore
 from ._cache import StaleStore as StaleStore
 from ._clock import Clock as Clock
@@ -26,8 +29,16 @@ from ._fallback import FallbackUse as FallbackUse
 from ._fallback import StaleCache as StaleCache
 from ._fallback import fallback as fallback
 from ._fallback import track_fallbacks as track_fallbacks
+from ._hedge import Hedge as Hedge
+from ._hedge import HedgeBudgetExhausted as HedgeBudgetExhausted
+from ._hedge import HedgeSkipped as HedgeSkipped
+from ._hedge import HedgeStarted as HedgeStarted
 from ._hooks import get_hooks as get_hooks
 from ._hooks import set_hooks as set_hooks
+from ._rate import RateLimiter as RateLimiter
+from ._rate import RateLimitRejected as RateLimitRejected
+from ._rate import RateLimitStoreFailed as RateLimitStoreFailed
+from ._rate import RateLimitStoreRecovered as RateLimitStoreRecovered
 from ._redact import redact as redact
 from ._redis_store import RedisStaleStore as RedisStaleStore
 from .circuit_breaker import BreakerSnapshot as BreakerSnapshot
@@ -39,6 +50,8 @@ from .circuit_breaker import FailureRate as FailureRate
 from .errors import BulkheadFullError as BulkheadFullError
 from .errors import CacheMissError as CacheMissError
 from .errors import CircuitOpenError as CircuitOpenError
+from .errors import ConcurrencyLimitError as ConcurrencyLimitError
+from .errors import RateLimitedError as RateLimitedError
 from .errors import ResilienceError as ResilienceError
 from .errors import ResilienceTimeoutError as ResilienceTimeoutError
 from .errors import RetryBudgetExhaustedError as RetryBudgetExhaustedError
@@ -74,6 +87,9 @@ from .retry import RetryBudget as RetryBudget
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLimit",
+    "AdaptiveLimitChanged",
+    "AdaptiveLimitRejected",
     "BreakerCallCancelled",
     "BreakerCallFailed",
     "BreakerCallIgnored",
@@ -90,6 +106,7 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Clock",
+    "ConcurrencyLimitError",
     "Event",
     "ExponentialBackoff",
     "ExponentialCircuitBreaker",
@@ -100,11 +117,20 @@ __all__ = [
     "FallbackStep",
     "FallbackTracker",
     "FallbackUse",
+    "Hedge",
+    "HedgeBudgetExhausted",
+    "HedgeSkipped",
+    "HedgeStarted",
     "Hook",
     "MemoryStaleStore",
     "MonotonicClock",
     "Pipeline",
     "PrometheusHook",
+    "RateLimitRejected",
+    "RateLimitStoreFailed",
+    "RateLimitStoreRecovered",
+    "RateLimitedError",
+    "RateLimiter",
     "RedisStaleStore",
     "ResilienceError",
     "ResilienceTimeoutError",

@@ -10,6 +10,8 @@ pass through unchanged unless an integration maps them at its boundary::
     ├── CacheMissError              a stale-if-error cache had no usable value (``StaleCache``)
     ├── RetryBudgetExhaustedError   the shared retry budget of a dependency is spent
     ├── BulkheadFullError           a concurrency limit and its wait queue are full
+    │   └── ConcurrencyLimitError   an adaptive concurrency limit is reached (``AdaptiveLimit``)
+    ├── RateLimitedError            a rate limiter refused the call (name, retry_after)
     ├── ResilienceTimeoutError      a timeout policy expired (also a built-in ``TimeoutError``)
     ├── postgres.PostgresError      the PostgreSQL failover client (``veritas_resilience.postgres``)
     └── redis.RedisError            the Redis Sentinel/Cluster client (``veritas_resilience.redis``)
@@ -27,6 +29,8 @@ __all__ = [
     "BulkheadFullError",
     "CacheMissError",
     "CircuitOpenError",
+    "ConcurrencyLimitError",
+    "RateLimitedError",
     "ResilienceError",
     "ResilienceTimeoutError",
     "RetryBudgetExhaustedError",
@@ -160,6 +164,37 @@ class BulkheadFullError(ResilienceError):
 
     def __str__(self) -> str:
         return f"bulkhead {self.name!r} is full ({self.max_concurrent} concurrent calls)"
+
+
+class ConcurrencyLimitError(BulkheadFullError):
+    """An adaptive concurrency limit was reached; the call was rejected at once, not queued.
+
+    It is a :class:`BulkheadFullError`, so code that handles a full bulkhead handles it too.
+
+    Attributes:
+        name: The limit's name.
+        max_concurrent: The limit when the call was rejected.
+    """
+
+    def __str__(self) -> str:
+        return f"adaptive limit {self.name!r} is reached ({self.max_concurrent} concurrent calls)"
+
+
+class RateLimitedError(ResilienceError):
+    """A rate limiter refused the call: no permit now, nor within the time it may wait.
+
+    Attributes:
+        name: The rate limiter's name.
+        retry_after: Seconds until a permit will be free (for a ``Retry-After`` header).
+    """
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(name, retry_after)
+        self.name = name
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"rate limiter {self.name!r} refused the call; retry after {self.retry_after:.3f}s"
 
 
 class ResilienceTimeoutError(ResilienceError, TimeoutError):

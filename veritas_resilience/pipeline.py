@@ -6,13 +6,21 @@ retries (one deadline for all attempts, so the last attempt gets what is left), 
 the retry (the retry never sees a failure). :class:`Pipeline` always nests them the same way,
 outermost first::
 
-    fallback  ─►  retry  ─►  circuit breaker  ─►  bulkhead  ─►  timeout  ─►  your function
+    fallback ─► retry ─► rate limiter ─► circuit breaker ─► adaptive limit ─► bulkhead
+             ─► hedge ─► timeout ─► (chaos) ─► your function
 
 - **fallback** is outermost: it answers only when everything inside has given up.
 - **retry** wraps the breaker: every attempt is one call the breaker counts, and an open breaker
   stops the retries (unless it reopens before the next wait).
-- **circuit breaker** wraps the bulkhead: an open breaker rejects at once, without queueing.
-- **bulkhead** wraps the timeout: time spent queueing for a slot is not charged to the call.
+- **rate limiter** sits inside the retry, so every attempt takes a permit (retries are load too),
+  and outside the breaker, so its own rejections never count as failures of the dependency.
+- **circuit breaker** wraps the concurrency limits: an open breaker rejects at once, without
+  queueing.
+- **adaptive limit** wraps the bulkhead and what is inside: it measures the latency of the
+  dependency, and rejects at once when its learned limit is reached.
+- **bulkhead** wraps the hedge and the timeout: time spent queueing for a slot is not charged to
+  the call, and a hedged call holds one slot however many attempts it races.
+- **hedge** wraps the timeout: each attempt gets the full time, and the first success wins.
 - **timeout** comes next: each attempt gets the full time, and each expiry is one failure for
   the breaker and one retryable ``TimeoutError`` for the retry (counted once by each).
 - **chaos** (:mod:`veritas_resilience.chaos` injectors), when given, is innermost: an injected
@@ -26,7 +34,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import _hooks, _validate
+from ._adaptive import AdaptiveLimit
 from ._fallback import FallbackChain, FallbackStep, StaleCache
+from ._hedge import Hedge
+from ._rate import RateLimiter
 from ._validate import Seconds
 from .circuit_breaker import CircuitBreaker
 from .limits import Bulkhead, Timeout
@@ -37,7 +48,16 @@ __all__ = ["ORDER", "Pipeline"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ORDER = ("fallback", "retry", "circuit_breaker", "bulkhead", "timeout")
+ORDER = (
+    "fallback",
+    "retry",
+    "rate_limiter",
+    "circuit_breaker",
+    "adaptive_limit",
+    "bulkhead",
+    "hedge",
+    "timeout",
+)
 """The order policies are applied in, outermost first (chaos injectors, if any, go inside)."""
 _KINDS = (*ORDER, "chaos")
 
@@ -72,7 +92,7 @@ class _ChaosSteps:
 
 
 class Pipeline:
-    """Policies composed in the one safe order: fallback, retry, breaker, bulkhead, timeout.
+    """Policies composed in the one safe order (:data:`ORDER`), fallback outermost.
 
     Give it the policies you want (any subset), then decorate functions with it or call through
     it. The same pipeline, and so the same breaker, bulkhead and budget, can guard several
@@ -102,6 +122,9 @@ class Pipeline:
         breaker: A :class:`~veritas_resilience.CircuitBreaker`.
         bulkhead: A :class:`~veritas_resilience.limits.Bulkhead`, or its ``max_concurrent``.
         timeout: A :class:`~veritas_resilience.limits.Timeout`, or its seconds.
+        rate_limiter: A :class:`~veritas_resilience.RateLimiter`.
+        adaptive_limit: An :class:`~veritas_resilience.AdaptiveLimit`.
+        hedge: A :class:`~veritas_resilience.Hedge` (only for calls safe to repeat).
         chaos: A :mod:`~veritas_resilience.chaos` injector or a list of them (the first
             outermost), applied inside every other policy.
 
@@ -121,6 +144,9 @@ class Pipeline:
         breaker: CircuitBreaker | None = None,
         bulkhead: Bulkhead | int | None = None,
         timeout: Timeout | Seconds | None = None,
+        rate_limiter: RateLimiter | None = None,
+        adaptive_limit: AdaptiveLimit | None = None,
+        hedge: Hedge | None = None,
         chaos: ChaosStep | Sequence[ChaosStep] | None = None,
     ) -> None:
         self._name = _validate.name(name, "pipeline")
@@ -134,6 +160,13 @@ class Pipeline:
             raise TypeError(f"retry must be a Retry, got {retry!r}")
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {breaker!r}")
+        for field, value, kind in (
+            ("rate_limiter", rate_limiter, RateLimiter),
+            ("adaptive_limit", adaptive_limit, AdaptiveLimit),
+            ("hedge", hedge, Hedge),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{field} must be a {kind.__name__}, got {value!r}")
         if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
             bulkhead = Bulkhead(_validate.positive_int(bulkhead, "bulkhead"), name=self._name)
         if timeout is not None and not isinstance(timeout, Timeout):
@@ -146,7 +179,18 @@ class Pipeline:
         policies: list[tuple[str, Any]] = [
             (kind, policy)
             for kind, policy in zip(
-                _KINDS, (fallback, retry, breaker, bulkhead, timeout, chaos_steps)
+                _KINDS,
+                (
+                    fallback,
+                    retry,
+                    rate_limiter,
+                    breaker,
+                    adaptive_limit,
+                    bulkhead,
+                    hedge,
+                    timeout,
+                    chaos_steps,
+                ),
             )
             if policy is not None
         ]
@@ -164,6 +208,9 @@ class Pipeline:
         self._breaker = breaker
         self._bulkhead = bulkhead
         self._timeout = timeout
+        self._rate_limiter = rate_limiter
+        self._adaptive_limit = adaptive_limit
+        self._hedge = hedge
         self._wrapped: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -199,6 +246,21 @@ class Pipeline:
         return self._timeout
 
     @property
+    def rate_limiter(self) -> RateLimiter | None:
+        """The rate limiter, if any."""
+        return self._rate_limiter
+
+    @property
+    def adaptive_limit(self) -> AdaptiveLimit | None:
+        """The adaptive concurrency limit, if any."""
+        return self._adaptive_limit
+
+    @property
+    def hedge(self) -> Hedge | None:
+        """The hedge, if any."""
+        return self._hedge
+
+    @property
     def policies(self) -> tuple[tuple[str, Any], ...]:
         """``(kind, policy)`` pairs in the order they apply, outermost first."""
         return self._policies
@@ -206,7 +268,7 @@ class Pipeline:
     def describe(self) -> list[str]:
         """The kinds of policy applied, outermost first, e.g. ``["retry", "circuit_breaker"]``.
 
-        The order is always a subsequence of fallback, retry, circuit_breaker, bulkhead, timeout.
+        The order is always a subsequence of :data:`ORDER`.
         """
         return [kind for kind, _ in self._policies]
 

@@ -44,6 +44,7 @@ from . import _hooks, _validate
 from ._clock import MONOTONIC, Clock
 from ._validate import ExceptionMatcher, Seconds
 from ._validate import matcher as _matcher
+from ._validate import number as _number
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .errors import CircuitOpenError, RetryBudgetExhaustedError
@@ -536,13 +537,3 @@ class Retry(_hooks.Instrumented):
         name = self._name
         for outcome, count in self.counts().items():
             yield "veritas_retry_attempts", (name, outcome), float(count)
-
-
-def _number(value: float, field: str, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        allowed = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field} must be a finite number {allowed}, got {value!r}")
-    return value

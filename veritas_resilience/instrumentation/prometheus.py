@@ -267,6 +267,9 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience.health._registry",
     "veritas_resilience.recovery._events",
     "veritas_resilience.chaos._inject",
+    "veritas_resilience._rate",
+    "veritas_resilience._hedge",
+    "veritas_resilience._adaptive",
 )
 """Every module of the library that declares metric families (importing them declares them all)."""
 
