@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from toxiproxy.exceptions import NotFound, ProxyExists  # type: ignore[import-untyped]
-from toxiproxy.server import Toxiproxy  # type: ignore[import-untyped]
+from toxiproxy.exceptions import NotFound, ProxyExists
+from toxiproxy.server import Toxiproxy
 
 from veritas_resilience.chaos import ProxyError, ProxyServer, Toxic
 from veritas_resilience.testing import FaultProxy
