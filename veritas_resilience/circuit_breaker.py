@@ -378,7 +378,8 @@ _Permit: TypeAlias = "tuple[int, int, CircuitState, float | None]"
 #
 # CLOSED with nothing to decide (see _update_fast): one attribute read before the call, a counter
 # increment after it, no lock, no allocation. A plain OPEN rejection is decided here too, without
-# a lock. Everything else goes through _acquire()/_on_result()/_on_exception().
+# a lock or a call of a method (what _reject_open() does, inlined; it runs when a hook wants
+# rejections). Everything else goes through _acquire()/_on_result()/_on_exception().
 _GUARD = """\
     gen = breaker._fast_gen
     if gen is not None:
@@ -396,8 +397,12 @@ _GUARD = """\
         return result
     if breaker._state is _OPEN:
         now = breaker._now()
-        if now < breaker._reopen_at:
-            raise breaker._reject_open(now)
+        reopen_at = breaker._reopen_at
+        if now < reopen_at:
+            if breaker._w_rejected:
+                raise breaker._reject_open(now)
+            next(breaker._n_rejected)
+            raise CircuitOpenError(breaker._name, "open", reopen_at - now)
     permit = breaker._acquire()
     try:
         result = await fn(*args, **kwargs)  # async
