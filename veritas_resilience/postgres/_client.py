@@ -24,6 +24,7 @@ from typing import Any, Literal
 import asyncpg
 
 from .._clock import MONOTONIC, Clock
+from .._hedge import Hedge
 from .._hooks import Instrumented
 from .._validate import Seconds
 from ..circuit_breaker import DEFAULT_BUCKETS, CircuitBreaker
@@ -279,6 +280,10 @@ class PostgresHealth:
         }
 
 
+class _TryElsewhere(Exception):
+    """A hedged attempt failed in a way another node may not (the cause says how)."""
+
+
 _EXECUTE, _EXECUTEMANY, _FETCH, _FETCHROW, _FETCHVAL, _TOKEN = range(6)
 _TOKEN_SQL = "SELECT pg_current_wal_insert_lsn()"
 
@@ -380,6 +385,12 @@ class FailoverClient(Instrumented):
         tcp_keepalive: Turn on TCP keepalive (5 s idle, 1 s interval, 3 probes) on every socket.
         tcp_user_timeout: ``TCP_USER_TIMEOUT`` in seconds: unacknowledged data older than this
             drops the connection (Linux; ``None`` to leave it).
+        hedge: A :class:`~veritas_resilience.Hedge` for reads routed ``"prefer_standby"``
+            (``fetch``, ``fetchrow``, ``fetchval``): attempt *i* goes to the *i*-th eligible node
+            (the standbys within the lag limits, in the configured order, then the primary),
+            each through its node's breaker; the first answer wins and the others are
+            cancelled. Writes, ``execute``, transactions, ``acquire()`` and reads marked
+            ``idempotent=False`` are never hedged. ``None`` (the default): no hedging.
         clock: Time source of the topology decisions and durations.
         hooks: Hooks for this client and its breakers; the process defaults when ``None``.
 
@@ -428,6 +439,7 @@ class FailoverClient(Instrumented):
         breaker_options: Mapping[str, Any] | None = None,
         tcp_keepalive: bool = True,
         tcp_user_timeout: Seconds | None = 10.0,
+        hedge: Hedge | None = None,
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
@@ -875,6 +887,20 @@ class FailoverClient(Instrumented):
         tried: set[NodeRuntime] | None = None
         last: BaseException | None = None
         trial_waited = False
+        hedge = self._settings.hedge
+        if hedge is not None and standby_ok and idempotent:
+            targets = self._hedge_targets(token)
+            if len(targets) > 1:
+                tried = set()
+                try:
+                    return await hedge.call_targets(
+                        self._hedged_attempt, targets, tried, op, query, args, timeout, extra,
+                        token,
+                    )  # fmt: skip
+                except _TryElsewhere as exc:
+                    # Every attempt failed in a way another node may not: go on as an unhedged
+                    # call would, skipping the standbys that failed.
+                    last = exc.__cause__
         while True:
             version = topo.version
             node: NodeRuntime | None = None
@@ -911,41 +937,137 @@ class FailoverClient(Instrumented):
                     continue
                 last = exc  # the monitor has yet to confirm what happened: wait for it
             except Exception as exc:
-                kind = classify(exc)
-                if kind is Kind.SQL:
+                error = self._node_error(node, exc, on_standby, write, idempotent, timeout)
+                if error is exc:
                     raise
+                if error is not None:
+                    raise error from exc
                 last = exc
-                if kind is Kind.READ_ONLY:
-                    if on_standby:
-                        raise  # a write sent as a read: asyncpg's error says exactly that
-                    self._failed(node, kind.value, exc, retried=True)
-                elif kind is Kind.TIMEOUT:
-                    self._failed(node, kind.value, exc, retried=False)
-                    if write and not idempotent:
-                        self._errors["commit_unknown"] += 1
-                        raise CommitOutcomeUnknownError(
-                            client=self._name, node=node.name, reason="timeout"
-                        ) from exc
-                    raise QueryTimeoutError(
-                        client=self._name,
-                        node=node.name,
-                        timeout=self._settings.command_timeout if timeout is None else timeout,
-                    ) from exc
-                elif not idempotent:
-                    self._failed(node, kind.value, exc, retried=False)
-                    self._errors["commit_unknown"] += 1
-                    raise CommitOutcomeUnknownError(
-                        client=self._name,
-                        node=node.name,
-                        reason="shutdown" if kind is Kind.SHUTDOWN else "connection_lost",
-                    ) from exc
-                else:
-                    self._failed(node, kind.value, exc, retried=True)
-                    if on_standby:
-                        tried = add_tried(tried, node)
-                        continue
+                if on_standby:
+                    tried = add_tried(tried, node)
+                    continue
             # Retry on the primary once the topology has caught up (or shortly anyway).
             deadline = await self._retry_later(version, deadline, last)
+
+    def _node_error(
+        self,
+        node: NodeRuntime,
+        exc: Exception,
+        on_standby: bool,
+        write: bool,
+        idempotent: bool,
+        timeout: float | None,
+    ) -> BaseException | None:
+        """Book a call's error against the node that raised it.
+
+        Returns the error to raise (``exc`` itself, or the mapped one), or None when the call may
+        go on elsewhere: another standby, or the primary once the topology has caught up.
+        """
+        kind = classify(exc)
+        if kind is Kind.SQL:
+            return exc
+        if kind is Kind.READ_ONLY:
+            if on_standby:
+                return exc  # a write sent as a read: asyncpg's error says exactly that
+            self._failed(node, kind.value, exc, retried=True)
+            return None
+        if kind is Kind.TIMEOUT:
+            self._failed(node, kind.value, exc, retried=False)
+            if write and not idempotent:
+                self._errors["commit_unknown"] += 1
+                return CommitOutcomeUnknownError(
+                    client=self._name, node=node.name, reason="timeout"
+                )
+            return QueryTimeoutError(
+                client=self._name,
+                node=node.name,
+                timeout=self._settings.command_timeout if timeout is None else timeout,
+            )
+        if not idempotent:
+            self._failed(node, kind.value, exc, retried=False)
+            self._errors["commit_unknown"] += 1
+            return CommitOutcomeUnknownError(
+                client=self._name,
+                node=node.name,
+                reason="shutdown" if kind is Kind.SHUTDOWN else "connection_lost",
+            )
+        self._failed(node, kind.value, exc, retried=True)
+        return None
+
+    # -- hedged reads ----------------------------------------------------------------------------
+
+    def _hedge_targets(self, token: WriteToken | None) -> list[tuple[NodeRuntime, bool]]:
+        """The nodes a hedged read may go to, in order, each with whether it is a standby.
+
+        The standbys within the lag limits (with a token: those known to have replayed it, on
+        its timeline), then the primary; a node whose breaker would reject the call is left out.
+        """
+        targets: list[tuple[NodeRuntime, bool]] = []
+        if token is None or token.lsn != _MAX_LSN:
+            for state in self._topology.readable:
+                if token is not None and (
+                    state.lsn is None
+                    or state.lsn < token.lsn
+                    or (
+                        token.timeline is not None
+                        and state.timeline is not None
+                        and token.timeline != state.timeline
+                    )
+                ):
+                    continue
+                rt = self._runtimes[state.index]
+                if rt.breaker.retry_after() == 0.0:
+                    targets.append((rt, True))
+        primary = self._primary_rt
+        if primary is not None and primary.breaker.retry_after() == 0.0:
+            targets.append((primary, False))
+        return targets
+
+    async def _hedged_attempt(
+        self,
+        target: tuple[NodeRuntime, bool],
+        tried: set[NodeRuntime],
+        op: int,
+        query: str,
+        args: Any,
+        timeout: float | None,
+        extra: Any,
+        token: WriteToken | None,
+    ) -> Any:
+        """One attempt of a hedged read, on one node, its failure booked against that node.
+
+        A failure another node may not have is raised as :class:`_TryElsewhere` (a standby that
+        failed is added to ``tried``); SQL errors and timeouts are raised mapped. A cancelled
+        attempt (another one answered first) is not a failure: its connection goes back to
+        its pool in the background, as after any cancelled statement.
+        """
+        node, on_standby = target
+        try:
+            return await node.breaker.call(
+                self._attempt_fn, node, op, query, args, timeout, extra, False,
+                token if on_standby else None,
+            )  # fmt: skip
+        except NotSent as exc:
+            if exc.kind == "closed":
+                raise NoPrimaryError(client=self._name, reason="closed") from None
+            if exc.kind != "ryw_fallback":  # not a failure: the standby was behind
+                self._failed(node, exc.kind, exc.error, retried=True)
+            if on_standby:
+                tried.add(node)
+            raise _TryElsewhere() from exc.error or exc
+        except CircuitOpenError as exc:
+            if on_standby:
+                tried.add(node)
+            raise _TryElsewhere() from exc
+        except Exception as exc:
+            error = self._node_error(node, exc, on_standby, False, True, timeout)
+            if error is exc:
+                raise
+            if error is not None:
+                raise error from exc
+            if on_standby:
+                tried.add(node)
+            raise _TryElsewhere() from exc
 
     async def _attempt(
         self,

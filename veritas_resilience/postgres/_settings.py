@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from .._hedge import Hedge
 from .._validate import positive_int, seconds
 from ._config import Route
 from ._fencing import FencingRecord
@@ -93,6 +94,7 @@ class ClientSettings:
     breaker_options: Mapping[str, Any] | None = None
     tcp_keepalive: bool = True
     tcp_user_timeout: float | None = 10.0
+    hedge: Hedge | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -128,6 +130,8 @@ class ClientSettings:
             raise TypeError(
                 f"fencing_record must be a FencingRecord (async load() and save()), got {record!r}"
             )
+        if self.hedge is not None and not isinstance(self.hedge, Hedge):
+            raise TypeError(f"hedge must be a Hedge or None, got {self.hedge!r}")
         for name in ("read_your_writes", "auto_promote", "tcp_keepalive"):
             put(self, name, bool(getattr(self, name)))
 

@@ -25,17 +25,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._clock import MONOTONIC, Clock
+from .._hedge import Hedge
 from .._validate import positive_int as _positive_int
 from .._validate import seconds as _seconds
 from ..circuit_breaker import CircuitBreaker, FailureRate
 from ..events import CircuitState, Hook
 from ..instrumentation.prometheus import HistogramValue
 from ..retry import RetryBudget
-from ._commands import FencedReplyError, classify, command_name, is_idempotent
+from ._commands import FencedReplyError, classify, command_name, is_idempotent, is_read_only
 from ._compat import async_timeout
 from ._errors import NoSentinelAvailableError, RedisConfigurationError
 from ._events import RedisPubSubReconnected
-from ._pool import FencedConnection, FencedPool
+from ._hedged import NodePools
+from ._pool import FencedConnection, FencedPool, Role, Router
 from ._retry import CallGuard, RetryPolicy
 from ._topology import Address, SentinelTopology, describe, fmt, parse_address
 
@@ -218,6 +220,12 @@ class SentinelRedis(redis.asyncio.Redis):
         clock: Time source (a fake one in tests).
         hooks: Hooks for this client (the process defaults when None).
         rng: Random source for jitter and the Sentinel order.
+        hedge: A :class:`~veritas_resilience.Hedge` for the read-only commands of a replica
+            client (``GET``, ``MGET``, ``HGETALL``, ``EXISTS``, ``TTL``...): attempt *i* goes to
+            replica *i* (then, for ``replica_preferred``, to the master), each over a pool of
+            its own bounded by ``max_connections``; the first reply wins and the other
+            attempts are cancelled (their connections closed). Writes, pipelines and Pub/Sub
+            are never hedged. Usually given through :meth:`replica`.
 
     Raises:
         ValueError: If an argument is out of range (the message names it).
@@ -257,6 +265,7 @@ class SentinelRedis(redis.asyncio.Redis):
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
         rng: random.Random | None = None,
+        hedge: Hedge | None = None,
         _topology: SentinelTopology | None = None,
     ) -> None:
         if isinstance(sentinels, (str, bytes)) or not sentinels:
@@ -276,6 +285,14 @@ class SentinelRedis(redis.asyncio.Redis):
         _positive_int(max_connections, "max_connections")
         if isinstance(db, bool) or not isinstance(db, int) or db < 0:
             raise ValueError(f"db must be an int >= 0, got {db!r}")
+        if hedge is not None:
+            if not isinstance(hedge, Hedge):
+                raise TypeError(f"hedge must be a Hedge or None, got {hedge!r}")
+            if mode is ReadFrom.MASTER:
+                raise ValueError(
+                    "hedge needs a replica client (read_from='replica' or 'replica_preferred'): "
+                    "a master client has a single node to read from"
+                )
         policy = retry if retry is not None else RetryPolicy()
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
@@ -378,18 +395,22 @@ class SentinelRedis(redis.asyncio.Redis):
             if pool_timeout is None
             else _seconds(pool_timeout, "pool_timeout")
         )
-        pool = FencedPool(
-            fence=fence,
-            router=router,
-            role=role,
-            max_connections=max_connections,
-            pool_timeout=timeout,
-            name=name,
-            verify_role=verify_role,
-            on_role_mismatch=on_role_mismatch,
-            ssl=ssl,
-            **conn_kwargs,
-        )
+
+        def make_pool(router: Router, role: Role) -> FencedPool:
+            return FencedPool(
+                fence=fence,
+                router=router,
+                role=role,
+                max_connections=max_connections,
+                pool_timeout=timeout,
+                name=name,
+                verify_role=verify_role,
+                on_role_mismatch=on_role_mismatch,
+                ssl=ssl,
+                **conn_kwargs,
+            )
+
+        pool = make_pool(router, role)
         super().__init__(connection_pool=pool)
         self.auto_close_connection_pool = True  # the pool is ours alone
 
@@ -421,6 +442,14 @@ class SentinelRedis(redis.asyncio.Redis):
         self._now = clock.monotonic
         self._extra_idempotent = policy.idempotent_commands
         topology.register_pool(pool)
+        self._hedge = hedge
+        self._node_pools: NodePools | None = None
+        if hedge is not None:
+            self._node_pools = NodePools(
+                topology, make_pool, with_master=mode is ReadFrom.REPLICA_PREFERRED
+            )
+            topology.register_pool(self._node_pools)
+            self._hedged_guarded = self._guard.guarded(self._hedged)
         topology.add_listener(self._on_switch)
         topology.acquire()
         self._closed = False
@@ -497,13 +526,26 @@ class SentinelRedis(redis.asyncio.Redis):
         if not self._closed:
             self._closed = True
             self._topology.unregister_pool(self.connection_pool)
+            if self._node_pools is not None:
+                self._topology.unregister_pool(self._node_pools)
+                await self._node_pools.aclose()
             await self._topology.release_user()
 
-    def replica(self, read_from: ReadFrom | str = ReadFrom.REPLICA_PREFERRED) -> SentinelRedis:
+    def replica(
+        self,
+        read_from: ReadFrom | str = ReadFrom.REPLICA_PREFERRED,
+        *,
+        hedge: Hedge | None = None,
+    ) -> SentinelRedis:
         """A client for reads from replicas, sharing this one's discovery (close it too).
 
         Args:
             read_from: ``"replica"`` or ``"replica_preferred"`` (or ``"master"``).
+            hedge: Hedge its read-only commands across the replicas (then the master, for
+                ``"replica_preferred"``): attempt *i* goes to replica *i*. None: no hedging.
+
+        Raises:
+            ValueError: If ``hedge`` is given for a master client.
         """
         settings = dict(self._settings)
         sentinels = settings.pop("sentinels")
@@ -515,6 +557,7 @@ class SentinelRedis(redis.asyncio.Redis):
             service,
             name=f"{self._topology.name}{suffix}",
             read_from=mode,
+            hedge=hedge,
             _topology=self._topology,
             **settings,
         )
@@ -525,14 +568,17 @@ class SentinelRedis(redis.asyncio.Redis):
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def _attempt(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-        pool = self.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    async def _attempt(
+        self, args: tuple[Any, ...], options: dict[str, Any], pool: Any = None
+    ) -> Any:
+        if pool is None:  # a node's own pool, for a hedged read
+            pool = self.connection_pool
+        conn = await pool.get_connection()
         try:
             reply = await self._send_command_parse_response(  # type: ignore[no-untyped-call]
                 conn, args[0], *args, **options
             )
-            if conn._gen != pool.fence.gen:  # type: ignore[attr-defined]
+            if conn._gen != pool.fence.gen:
                 raise _fenced(conn, args)
             return reply
         except (rex.ReadOnlyError, rex.MasterDownError):
@@ -549,15 +595,18 @@ class SentinelRedis(redis.asyncio.Redis):
         """Run one command with the client's retries, breaker and deadline (redis-py's API)."""
         guard = self._guard
         started = self._now()
+        attempt = self._attempt_guarded
+        if self._hedge is not None and is_read_only(args):
+            attempt = self._hedged_guarded
         try:
             async with async_timeout(guard.deadline) as scope:
-                result = await self._attempt_guarded(args, options)
+                result = await attempt(args, options)
         except Exception as exc:
             try:
                 result = await guard.recover(
                     exc,
                     started,
-                    lambda: self._attempt_guarded(args, options),
+                    lambda: attempt(args, options),
                     command_name(args),
                     lambda: is_idempotent(args, self._extra_idempotent),
                     scope,
@@ -567,6 +616,17 @@ class SentinelRedis(redis.asyncio.Redis):
             return result
         guard.observe(self._now() - started)
         return result
+
+    async def _hedged(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """A read-only command raced across the nodes: attempt *i* on node *i*'s pool."""
+        assert self._hedge is not None and self._node_pools is not None
+        targets = self._node_pools.targets()
+        if not targets:  # discovery not started, or no node to read from: the usual path says
+            return await self._attempt(args, options)
+        return await self._hedge.call_targets(self._attempt_on, targets, args, options)
+
+    def _attempt_on(self, pool: FencedPool, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        return self._attempt(args, options, pool)
 
     def _explain(self) -> BaseException | None:
         """Why no node could be reached, when discovery knows (for a call out of time)."""

@@ -35,6 +35,7 @@ from ._errors import (
 
 __all__ = [
     "IDEMPOTENT_COMMANDS",
+    "READ_ONLY_COMMANDS",
     "Failure",
     "FencedReplyError",
     "RoleMismatchError",
@@ -42,6 +43,7 @@ __all__ = [
     "classify",
     "command_name",
     "is_idempotent",
+    "is_read_only",
     "mark_unsent",
     "retry_unknown_outcome",
     "was_unsent",
@@ -97,6 +99,14 @@ differ from the first (``SET k v NX`` that ran once would then report "not set")
 
 _SET_UNSAFE = frozenset({"NX", "XX", "GET"})
 
+READ_ONLY_COMMANDS: frozenset[str] = IDEMPOTENT_COMMANDS - frozenset(
+    {
+        "SET", "SETEX", "PSETEX", "MSET", "HMSET", "EXPIREAT", "PEXPIREAT", "SCRIPT LOAD",
+        "READONLY", "READWRITE",
+    }
+)  # fmt: skip
+"""The idempotent commands that change nothing: those a hedge may send to several nodes."""
+
 _retry_unknown: ContextVar[bool] = ContextVar("veritas_redis_retry_unknown", default=False)
 
 
@@ -148,11 +158,24 @@ def is_idempotent(args: Sequence[Any], extra: Iterable[str] = ()) -> bool:
     name = command_name(args)
     if name == "SET":
         return not any(_token(a) in _SET_UNSAFE for a in args[3:])
-    if name in IDEMPOTENT_COMMANDS or name in extra:
+    return name in extra or _listed(name, args, IDEMPOTENT_COMMANDS)
+
+
+def is_read_only(args: Sequence[Any]) -> bool:
+    """Whether the command with these arguments only reads (see :data:`READ_ONLY_COMMANDS`).
+
+    Args:
+        args: The command and its arguments as redis-py passes them to ``execute_command``.
+    """
+    return _listed(command_name(args), args, READ_ONLY_COMMANDS)
+
+
+def _listed(name: str, args: Sequence[Any], names: frozenset[str]) -> bool:
+    if name in names:
         return True
     if " " not in name and len(args) > 1 and isinstance(args[1], (str, bytes)):
         # redis-py sometimes passes a subcommand as a second argument ("CONFIG", "GET", ...).
-        return f"{name} {_token(args[1])}" in IDEMPOTENT_COMMANDS
+        return f"{name} {_token(args[1])}" in names
     return False
 
 
