@@ -12,8 +12,12 @@ import pytest
 from _pg_support import client, eventually, query, run
 
 from veritas_resilience import Hedge
-from veritas_resilience.postgres import FailoverClient, WriteToken
-from veritas_resilience.testing import LocalPostgresCluster, PostgresClusterFactory
+from veritas_resilience.postgres import FailoverClient, PostgresCallFailed, WriteToken
+from veritas_resilience.testing import (
+    LocalPostgresCluster,
+    PostgresClusterFactory,
+    RecordingHook,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -21,6 +25,13 @@ pytestmark = pytest.mark.anyio
 SLOW_ON = (
     "SELECT current_setting('port')::int FROM pg_sleep("
     "CASE WHEN current_setting('port')::int = $1 THEN $2::float8 ELSE 0 END)"
+)
+# On the server at port $1: drop its own connection after 0.2 s; elsewhere answer after 0.5 s.
+DIES_ON = (
+    "SELECT current_setting('port')::int FROM pg_sleep("
+    "CASE WHEN current_setting('port')::int = $1 THEN 0.2 ELSE 0.5 END) "
+    "WHERE CASE WHEN current_setting('port')::int = $1 "
+    "THEN pg_terminate_backend(pg_backend_pid()) ELSE true END"
 )
 ACTIVE_SLEEPS = (
     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
@@ -88,6 +99,24 @@ async def test_hedged_read_wins_on_the_next_standby_and_cancels_the_slow_one(
 
 async def _zero(cluster: LocalPostgresCluster, node: object) -> bool:
     return await query(cluster, node, ACTIVE_SLEEPS) == "0"  # type: ignore[arg-type]
+
+
+async def test_a_failed_attempt_is_booked_against_its_own_node(
+    cluster: LocalPostgresCluster,
+) -> None:
+    """When the first standby's connection dies while the hedge on the second is in flight, the
+    second answers, and the failure is reported for the first standby only."""
+    dying, answering = cluster.standbys
+    recorder = RecordingHook()
+    hedge = Hedge(idempotent=True, delay=0.05, max_attempts=2, budget_percent=100)
+    async with client(dsns(cluster), hedge=hedge, hooks=[recorder]) as db:
+        await both_standbys_readable(db)
+        assert await db.fetchval(DIES_ON, dying.port, route="prefer_standby") == answering.port
+        failed = recorder.of(PostgresCallFailed)
+        assert [(e.node, e.retried) for e in failed] == [(f"{dying.host}:{dying.port}", True)]
+        assert failed[0].error_kind in ("shutdown", "connection_lost")
+        assert hedge.counts()["hedge"] == 1
+        await settled(db)
 
 
 async def test_hedging_stops_when_its_budget_is_spent(cluster: LocalPostgresCluster) -> None:

@@ -918,10 +918,7 @@ class FailoverClient(Instrumented):
                 )  # fmt: skip
             except NotSent as exc:
                 last = exc.error or exc
-                if exc.kind == "closed":
-                    raise NoPrimaryError(client=self._name, reason="closed") from None
-                if exc.kind != "ryw_fallback":  # not a failure: the standby was behind
-                    self._failed(node, exc.kind, exc.error, retried=True)
+                self._not_sent(node, exc)
                 if on_standby:
                     tried = add_tried(tried, node)
                     continue  # another standby, or the primary
@@ -948,6 +945,13 @@ class FailoverClient(Instrumented):
                     continue
             # Retry on the primary once the topology has caught up (or shortly anyway).
             deadline = await self._retry_later(version, deadline, last)
+
+    def _not_sent(self, node: NodeRuntime, exc: NotSent) -> None:
+        """Book a call that never reached ``node``; raise when the client was closed."""
+        if exc.kind == "closed":
+            raise NoPrimaryError(client=self._name, reason="closed") from None
+        if exc.kind != "ryw_fallback":  # not a failure: the standby was behind
+            self._failed(node, exc.kind, exc.error, retried=True)
 
     def _node_error(
         self,
@@ -1048,12 +1052,11 @@ class FailoverClient(Instrumented):
                 token if on_standby else None,
             )  # fmt: skip
         except NotSent as exc:
-            if exc.kind == "closed":
-                raise NoPrimaryError(client=self._name, reason="closed") from None
-            if exc.kind != "ryw_fallback":  # not a failure: the standby was behind
-                self._failed(node, exc.kind, exc.error, retried=True)
+            self._not_sent(node, exc)
             if on_standby:
                 tried.add(node)
+            elif exc.kind == "acquire_timeout":  # the primary's pool is full: as unhedged
+                raise exc.error or exc from None
             raise _TryElsewhere() from exc.error or exc
         except CircuitOpenError as exc:
             if on_standby:
