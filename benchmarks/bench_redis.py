@@ -15,6 +15,13 @@ Run: ``python -m benchmarks.bench_redis`` (``--quick`` for a smoke run that writ
    time from ``+switch-master`` to the first acknowledged write that survived, the longest gap
    between surviving writes, errors seen by callers, and acknowledged writes lost.
    Faults: ``SENTINEL FAILOVER`` and ``kill -9`` of the master.
+3. **A paused master** (``--sigstop``, its own section "redis-sigstop"). The master is frozen with
+   SIGSTOP for 4.5 s (the Sentinels fail over after about 2 s) while 200 tasks RPUSH unique ids,
+   each call under a 3 s deadline: the client's ``RetryPolicy(deadline=3)`` for ours,
+   ``asyncio.wait_for(..., 3)`` around each call for ``master_for()`` (redis-py has no
+   deadline of its own). Reported: the longest call, caller errors by type, acknowledged ids
+   missing from the new master once the old one has been demoted, and the time from
+   ``+switch-master`` to the first acknowledged write that survived.
 
 It prints the tables and writes the "redis" section of benchmarks/RESULTS.md.
 """
@@ -33,7 +40,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 
 from benchmarks._results import write_section
-from veritas_resilience.redis import SentinelRedis
+from veritas_resilience.redis import RetryPolicy, SentinelRedis
 from veritas_resilience.testing import LocalRedisSentinel
 
 Address = tuple[str, int]
@@ -229,6 +236,150 @@ async def failovers(quick: bool) -> list[list[Outcome]]:
     return table
 
 
+# -- a paused master (SIGSTOP) --------------------------------------------------------------------
+
+PAUSE = 4.5
+DEADLINE = 3.0
+WRITERS = 200
+
+
+@dataclass
+class Stall:
+    client: str
+    longest: float  # the longest call, failed or not
+    resume: float | None  # +switch-master to the first surviving acknowledged write
+    lost: int
+    acked: int
+    errors: dict[str, int]
+
+
+async def sigstop_run(which: str) -> Stall:
+    """One 4.5 s SIGSTOP of the master under 200 writers with a 3 s deadline per call."""
+    kit = LocalRedisSentinel()
+    await asyncio.to_thread(kit.start)
+    sentinel_manager = None
+    try:
+        ours = which == "veritas SentinelRedis"
+        if ours:
+            client: redis.asyncio.Redis = SentinelRedis(
+                kit.sentinels, kit.service_name, retry=RetryPolicy(deadline=DEADLINE), hooks=[]
+            )
+            await client.initialize()
+        else:
+            # Short timeouts towards the Sentinels; redis-py's default ones towards the data
+            # nodes, as for ours (the deadline is the caller's asyncio.wait_for).
+            sentinel_manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                kit.sentinels, sentinel_kwargs={"socket_timeout": 0.5}
+            )
+            client = sentinel_manager.master_for(kit.service_name)
+        found: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        watcher = asyncio.ensure_future(_switch_time(kit.sentinels[0], found))
+        acked: list[tuple[float, str]] = []
+        errors: dict[str, int] = {}
+        longest = 0.0
+        stop = False
+
+        async def push(ident: str) -> None:
+            if ours:
+                await client.rpush("ids", ident)
+            else:
+                await asyncio.wait_for(client.rpush("ids", ident), DEADLINE)
+
+        async def writer(index: int) -> None:
+            nonlocal longest
+            seq = 0
+            while not stop:
+                seq += 1
+                ident = f"{index}:{seq}"
+                started = time.monotonic()
+                try:
+                    await push(ident)
+                except Exception as exc:
+                    name = type(exc).__name__
+                    errors[name] = errors.get(name, 0) + 1
+                    await asyncio.sleep(0.01)
+                else:
+                    acked.append((time.monotonic(), ident))
+                longest = max(longest, time.monotonic() - started)
+                await asyncio.sleep(0.005)
+
+        writers = [asyncio.ensure_future(writer(i)) for i in range(WRITERS)]
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(kit.wait_replicas_synced, 30)
+        try:
+            old = kit.pause_master(PAUSE)
+            await asyncio.to_thread(kit.wait_for_master_change, old, 30.0)
+            switched = await asyncio.wait_for(found, 30)
+            await asyncio.sleep(PAUSE + 3.0)  # the old master wakes, is demoted, clients recover
+        finally:
+            kit.resume_master()
+        stop = True
+        await asyncio.gather(*writers)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await asyncio.to_thread(kit.wait_replicas_synced, 30)
+        master = kit.master
+        check = redis.asyncio.Redis(host=master[0], port=master[1], decode_responses=True)
+        present = set(await check.lrange("ids", 0, -1))
+        await check.aclose()
+        surviving = sorted(t for t, ident in acked if ident in present)
+        after = [t for t in surviving if t >= switched]
+        await client.aclose()
+        return Stall(
+            which,
+            longest=longest,
+            resume=(after[0] - switched) if after else None,
+            lost=sum(1 for _, ident in acked if ident not in present),
+            acked=len(acked),
+            errors=errors,
+        )
+    finally:
+        kit.resume_master()
+        if sentinel_manager is not None:
+            await sentinel_manager.aclose()
+        kit.stop()
+
+
+async def sigstops(quick: bool) -> list[list[Stall]]:
+    runs = 1 if quick else 3
+    table: list[list[Stall]] = [[], []]
+    for _ in range(runs):  # alternate the clients, so both see the same machine load
+        table[0].append(await sigstop_run("veritas SentinelRedis"))
+        table[1].append(await sigstop_run("redis-py Sentinel.master_for()"))
+    return table
+
+
+def report_sigstop(table: list[list[Stall]]) -> str:
+    lines = [
+        f"### Master paused (SIGSTOP) for {PAUSE:g} s: {WRITERS} writers, {DEADLINE:g} s deadline",
+        "",
+        "Each task RPUSHes unique ids; fresh topology per run (`down-after-milliseconds` 1000). "
+        "Medians of the runs, the worst in brackets. *longest*: the longest call, failed or not. "
+        "*resume*: from `+switch-master` to the first acknowledged write that survived (target "
+        "<= 0.5 s). *lost*: acknowledged ids missing from the new master after the old one was "
+        "demoted. Errors: what callers got, summed over the runs.",
+        "",
+        "| client | runs | longest call (s) | resume (s) | acked | acked then lost | errors |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for runs in table:
+        resumes = [r.resume for r in runs if r.resume is not None]
+        longest = [r.longest for r in runs]
+        errors: dict[str, int] = {}
+        for r in runs:
+            for name, count in r.errors.items():
+                errors[name] = errors.get(name, 0) + count
+        lines.append(
+            f"| {runs[0].client} | {len(runs)} "
+            f"| {_median(longest):.2f} [{max(longest):.2f}] "
+            f"| {_median(resumes):.3f} [{max(resumes, default=float('nan')):.3f}] "
+            f"| {statistics.median(r.acked for r in runs):.0f} "
+            f"| {statistics.median(r.lost for r in runs):.0f} [{max(r.lost for r in runs)}] "
+            f"| {', '.join(f'{n} {c}' for n, c in sorted(errors.items())) or 'none'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -279,7 +430,17 @@ async def main_async(quick: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run that writes nothing")
+    parser.add_argument(
+        "--sigstop", action="store_true", help="only the paused-master comparison (own section)"
+    )
     args = parser.parse_args()
+    if args.sigstop:
+        text = report_sigstop(asyncio.run(sigstops(args.quick)))
+        print(text)
+        if not args.quick:
+            title = "Redis: a paused master (benchmarks/bench_redis.py --sigstop)"
+            write_section("redis-sigstop", title, text)
+        return
     text = asyncio.run(main_async(args.quick))
     print(text)
     if not args.quick:

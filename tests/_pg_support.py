@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -78,3 +79,72 @@ def readable(db: FailoverClient, node: str) -> Callable[[], bool]:
 def name(node: PostgresNode) -> str:
     """The client's name for a kit node."""
     return f"{node.host}:{node.port}"
+
+
+HELD_PATHS = (
+    "transaction",
+    "prepared statement",
+    "cursor",
+    "cursor iteration",
+    "acquire",
+    "acquire + own transaction",
+)
+
+
+async def hold(db: FailoverClient, path: str, ready: asyncio.Event, go: asyncio.Event) -> str:
+    """Hold a connection along ``path``; once ``go`` is set, use it again. Return the type name
+    of what the block raised, and of what leaving it raised when that differs."""
+    inside = "nothing"
+    try:
+        session = db.acquire() if path.startswith("acquire") else db.transaction()
+        async with session as conn:
+            if path == "acquire + own transaction":
+                async with conn.transaction():
+                    await conn.execute("SELECT 1")
+                    ready.set()
+                    await go.wait()
+                    try:
+                        await conn.execute("SELECT 2")
+                    except Exception as exc:
+                        inside = type(exc).__name__
+                        raise
+            statement = await conn.prepare("SELECT generate_series(1, 10)")
+            cursor = (
+                await conn.cursor("SELECT generate_series(1, 10)") if "cursor" in path else None
+            )
+            ready.set()
+            await go.wait()
+            try:
+                if path in ("transaction", "acquire"):
+                    await conn.execute("SELECT 2")
+                elif path == "prepared statement":
+                    await statement.fetch()
+                elif path == "cursor":
+                    assert cursor is not None
+                    await cursor.fetch(5)
+                else:
+                    async for _ in conn.cursor("SELECT generate_series(1, 10)"):
+                        pass
+            except Exception as exc:
+                inside = type(exc).__name__
+                raise
+    except Exception as exc:
+        outside = type(exc).__name__
+        return inside if outside == inside else f"{inside} then {outside}"
+    return inside
+
+
+async def held_outcomes(
+    db: FailoverClient, fault: Callable[[], Awaitable[object]]
+) -> dict[str, str]:
+    """Hold a connection along every path of HELD_PATHS, run ``fault``, use them all again;
+    return what each path raised (see :func:`hold`)."""
+    go = asyncio.Event()
+    readies = [asyncio.Event() for _ in HELD_PATHS]
+    tasks = [
+        asyncio.create_task(hold(db, path, ready, go)) for path, ready in zip(HELD_PATHS, readies)
+    ]
+    await asyncio.gather(*(r.wait() for r in readies))
+    await fault()
+    go.set()
+    return dict(zip(HELD_PATHS, await asyncio.gather(*tasks)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings
@@ -13,6 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from veritas_resilience import PrometheusHook
 from veritas_resilience.testing import FakeClock
+
+if TYPE_CHECKING:  # the Redis kit imports redis; test runs that do not use it stay light
+    from veritas_resilience.testing import LocalRedisSentinel
 
 # The property tests with a fifth of their examples, for the runs on other CPythons in
 # tests/run.sh (`--hypothesis-profile=other-pythons`): the main run keeps the full count.
@@ -79,3 +82,17 @@ def _loopback_only() -> Iterator[None]:
     finally:
         socket.socket.connect = _real_connect  # type: ignore[method-assign]
         socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
+
+
+@pytest.fixture
+async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
+    """A redis.asyncio client on the session Redis kit's master, database 9, flushed first."""
+    from redis.asyncio import Redis
+
+    host, port = redis_sentinel.master
+    client = Redis(host=host, port=port, db=9)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()

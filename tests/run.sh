@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it, on a fresh machine or a developer's:
-#   1. installs PostgreSQL 15 and Redis 7 server binaries if they are missing (needs root/apt);
-#   2. builds .venv and installs the package with its test, lint and typing extras;
+#   1. installs PostgreSQL 15 and Redis 7 server binaries, Prometheus (with promtool) and
+#      Alertmanager if they are missing (needs root/apt);
+#   2. builds .venv and installs the package with its test, lint, typing and docs extras;
 #   3. runs ruff (lint + format check) and mypy --strict;
 #   4. runs the tests that need no server on the oldest supported CPython (3.10) and on the newest
 #      one installed, in their own venvs kept in .venvs/ (tests/other_pythons.sh --ci: about
 #      20 s of CPU each, in parallel; a missing 3.10 fails the run only when CI=true);
-#   5. runs the whole pytest suite on .venv's Python (pytest args pass through).
+#   5. runs the whole pytest suite on .venv's Python (pytest args pass through), which also
+#      builds the documentation site with mkdocs build --strict.
 # The tests start their own servers on free loopback ports; nothing else is started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,9 @@ missing=()
 have_postgres || missing+=(postgresql-15)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+# promtool and Prometheus (the rules' tests and the alerting end-to-end test), Alertmanager.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${missing[*]}; install them (apt-get install ${missing[*]}) or run as root" >&2

@@ -3,7 +3,8 @@ Redis (a private redis-server on a free loopback port) under asyncio."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable
+import traceback
+from collections.abc import Hashable
 from typing import Any
 
 import anyio
@@ -19,10 +20,12 @@ from veritas_resilience import (
     StaleCache,
     StaleStoreFailed,
     StaleValueServed,
+    StaleWritesDropped,
     fallback,
     track_fallbacks,
 )
-from veritas_resilience.testing import FakeClock, LocalRedisSentinel
+from veritas_resilience.pipeline import Pipeline
+from veritas_resilience.testing import FakeClock, FaultProxyFactory, LocalRedisSentinel
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +178,97 @@ async def test_coalesced_callers_share_the_error_and_fall_back_each(clock: FakeC
     assert degraded_calls == 10
 
 
+async def test_coalesced_failure_gives_each_caller_its_own_short_traceback(
+    clock: FakeClock,
+) -> None:
+    """500 waiters of one failed call: 500 error objects whose tracebacks do not grow."""
+    source = Source()
+    source.up = False
+    source.gate = anyio.Event()
+    cache = StaleCache(clock=clock, hooks=[])
+    get_item = fallback(cache, hooks=[])(source.fetch)
+    errors: list[ServiceUnavailableError] = []
+
+    async def one() -> None:
+        try:
+            await get_item(7)
+        except ServiceUnavailableError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(500):
+            tg.start_soon(one)
+        while cache.counts()["coalesced"] < 499:
+            await anyio.lowlevel.checkpoint()
+        source.gate.set()
+    assert source.calls == 1
+    primaries = [e.errors[0] for e in errors]
+    assert len(primaries) == 500
+    assert len({id(e) for e in primaries}) == 500
+    assert all(isinstance(e, ConnectionError) and str(e) == "source down" for e in primaries)
+    frames = [len(traceback.extract_tb(e.__traceback__)) for e in primaries]
+    assert max(frames) <= min(frames) + 2  # 1,001 frames in the last one when they were shared
+    assert max(len("".join(traceback.format_exception(e))) for e in errors) < 20_000
+
+
+async def test_background_writes_are_bounded_and_drops_are_counted_and_reported(
+    clock: FakeClock,
+) -> None:
+    """A store that never answers: calls return at once; writes past the bound are dropped."""
+    release = anyio.Event()
+    written: list[Hashable] = []
+
+    class StuckStore:
+        async def get(self, namespace: str, key: Hashable) -> tuple[Any, float] | None:
+            return None
+
+        async def set(self, namespace: str, key: Hashable, value: Any, ttl: float) -> None:
+            await release.wait()
+            written.append(key)
+
+        async def delete(self, namespace: str, key: Hashable) -> None:
+            pass
+
+    hook = Recorder()
+    source = Source()
+    cache = StaleCache(
+        store=StuckStore(), max_pending_writes=2, store_timeout=600, clock=clock, hooks=[hook]
+    )
+    get_item = fallback(cache, hooks=[])(source.fetch)
+    for item in range(5):
+        assert (await get_item(item))["item"] == item
+    assert cache.pending_writes == 2
+    assert cache.counts()["write_dropped"] == 3
+    assert [(e.dropped, e.pending) for e in hook.of(StaleWritesDropped)] == [(1, 2)]
+    clock.advance(1.0)
+    await get_item(5)
+    assert [e.dropped for e in hook.of(StaleWritesDropped)] == [1, 3]
+    release.set()
+    await cache.wait_for_writes()
+    assert sorted(written) == [(0,), (1,)]  # type: ignore[type-var]
+    assert cache.counts()["stored"] == 2
+
+
+async def test_awaited_writes_never_fail_a_call_that_succeeded(clock: FakeClock) -> None:
+    """writes="await": the store's failure is reported, the call still returns its value."""
+
+    class BrokenStore:
+        async def get(self, namespace: str, key: Hashable) -> tuple[Any, float] | None:
+            return None
+
+        async def set(self, namespace: str, key: Hashable, value: Any, ttl: float) -> None:
+            raise ConnectionError("store down")
+
+        async def delete(self, namespace: str, key: Hashable) -> None:
+            pass
+
+    hook = Recorder()
+    cache = StaleCache(store=BrokenStore(), writes="await", clock=clock, hooks=[hook])
+    assert (await cache(Source().fetch)(1))["item"] == 1
+    assert cache.pending_writes == 0
+    assert [e.operation for e in hook.of(StaleStoreFailed)] == ["set"]
+
+
 async def test_a_cancelled_leader_hands_over_to_a_waiting_caller(clock: FakeClock) -> None:
     """If the caller making the shared call is cancelled, a waiting caller makes it instead."""
     source = Source()
@@ -201,6 +295,34 @@ async def test_a_cancelled_leader_hands_over_to_a_waiting_caller(clock: FakeCloc
         source.gate.set()
     assert source.calls == 2
     assert [r["version"] for r in results] == [2]
+
+
+def test_a_call_left_pending_by_a_closed_event_loop_is_not_waited_on() -> None:
+    """A loop closed while a coalesced call was running: the next asyncio.run calls afresh."""
+    import asyncio
+
+    source = Source()
+    source.gate = anyio.Event()
+    cache = StaleCache(hooks=[])
+    get_item = fallback(cache, hooks=[])(source.fetch)
+    pending: list[asyncio.Task[Any]] = []
+
+    async def start() -> None:
+        pending.append(asyncio.create_task(get_item(1)))
+        await asyncio.sleep(0.01)
+        assert source.calls == 1
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
+    loop.close()  # the call and its flight are left pending
+    source.gate = None
+
+    async def later() -> Any:
+        with anyio.fail_after(5):  # waited on the dead flight forever before
+            return await get_item(1)
+
+    assert asyncio.run(later())["version"] == 2
+    pending.clear()
 
 
 async def test_fresh_for_serves_recent_values_without_calling(clock: FakeClock) -> None:
@@ -305,6 +427,7 @@ async def test_store_failures_never_fail_the_call(clock: FakeClock) -> None:
     cache = StaleCache(store=BrokenStore(), clock=clock, hooks=[hook])
     get_item = cache(source.fetch)
     assert (await get_item(1))["version"] == 1
+    await cache.wait_for_writes()
     source.up = False
     with pytest.raises(ConnectionError, match="source down"):
         await get_item(1)
@@ -326,23 +449,24 @@ def test_cache_rejects_bad_configuration() -> None:
         StaleCache(store=object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="key"):
         StaleCache(key="id")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="store_timeout"):
+        StaleCache(store_timeout=0)
+    with pytest.raises(ValueError, match="writes"):
+        StaleCache(writes="later")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_pending_writes"):
+        StaleCache(max_pending_writes=0)
+    with pytest.raises(TypeError, match="store_breaker"):
+        StaleCache(store_breaker="db")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("client", [None, "redis://cache:6379", 6379])
+def test_redis_store_rejects_what_is_not_a_redis_client(client: Any) -> None:
+    """RedisStaleStore(None) says what it needs at construction, not AttributeError in a call."""
+    with pytest.raises(TypeError, match=r"^client must be a redis\.asyncio client"):
+        RedisStaleStore(client)
 
 
 # -- Redis --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_client(redis_sentinel: LocalRedisSentinel) -> AsyncIterator[Any]:
-    """A redis.asyncio client on the kit's master, in a database of its own, flushed first."""
-    from redis.asyncio import Redis
-
-    host, port = redis_sentinel.master
-    client = Redis(host=host, port=port, db=9)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.integration
@@ -353,6 +477,7 @@ async def test_redis_store_shares_stale_values_between_processes(redis_client: A
     writer = StaleCache(name="catalog", store=RedisStaleStore(redis_client), hooks=[])
     reader = StaleCache(name="catalog", store=RedisStaleStore(redis_client), hooks=[])
     await fallback(writer, hooks=[])(source.fetch)(5, lang="de")
+    await writer.wait_for_writes()
     source.up = False
     get_item = fallback(reader, hooks=[])(source.fetch)
     with track_fallbacks() as served:
@@ -406,6 +531,112 @@ async def test_redis_store_coalesces_and_serves_fresh_values(redis_client: Any) 
             await anyio.sleep(0.001)
         source.gate.set()
     assert source.calls == 1
+    await cache.wait_for_writes()
     assert (await get_item(3))["version"] == 1
     assert source.calls == 1
     assert cache.counts()["fresh"] == 1
+
+
+class CountingRedisStore(RedisStaleStore):
+    """The Redis store, counting the reads that reach Redis."""
+
+    reads = 0
+
+    async def get(self, namespace: str, key: Hashable) -> tuple[Any, float] | None:
+        self.reads += 1
+        return await super().get(namespace, key)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stale_reads_during_an_outage_are_coalesced(
+    redis_sentinel: LocalRedisSentinel,
+) -> None:
+    """500 callers of a failing key with a 20-connection pool: one Redis read, 500 stale answers."""
+    from redis.asyncio import Redis
+
+    host, port = redis_sentinel.master
+    client = Redis(host=host, port=port, db=10, max_connections=20)
+    try:
+        await client.flushdb()
+        store = CountingRedisStore(client)
+        source = Source()
+        cache = StaleCache(name="outage", store=store, coalesce=False, hooks=[])
+        get_item = fallback(cache, hooks=[])(source.fetch)
+        await get_item(4)
+        await cache.wait_for_writes()
+        source.up = False
+        results: list[Any] = []
+
+        async def one() -> None:
+            try:
+                results.append((await get_item(4))["version"])
+            except Exception as exc:  # what the callers got before: MaxConnectionsError
+                results.append(repr(exc))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(500):
+                tg.start_soon(one)
+        assert results == [1] * 500
+        assert store.reads <= 3
+        assert cache.counts()["stale"] == 500
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("fault", ["blackhole", "refuse"])
+async def test_a_store_that_hangs_or_refuses_never_delays_a_call(
+    redis_sentinel: LocalRedisSentinel, fault_proxy_factory: FaultProxyFactory, fault: str
+) -> None:
+    """Redis behind a proxy that black-holes or refuses: calls answer in time, stale reads end."""
+    from redis.asyncio import Redis
+
+    proxy = fault_proxy_factory(*redis_sentinel.master)
+    client = Redis(host=proxy.host, port=proxy.port, db=11)
+    hook = Recorder()
+    try:
+        await client.flushdb()
+        source = Source()
+        cache = StaleCache(
+            name="catalog", store=RedisStaleStore(client), store_timeout=0.2, hooks=[hook]
+        )
+        get_item = Pipeline(name="catalog", fallback=[cache], timeout=0.5)(source.fetch)
+        assert (await get_item(1))["version"] == 1
+        await cache.wait_for_writes()
+        assert cache.counts()["stored"] == 1
+        getattr(proxy, fault)()
+
+        started = anyio.current_time()
+        for version in range(2, 12):  # background writes fail; the calls do not wait for them
+            assert (await get_item(1))["version"] == version
+        assert anyio.current_time() - started < 2.0  # 10 calls; a hanging write took forever
+        await cache.wait_for_writes()  # each write gave up after store_timeout
+        assert cache.counts()["store_error"] >= 5
+        assert cache._store_breaker is not None and cache._store_breaker.state.value == "open"
+        assert (await get_item(1))["version"] == 12
+        await cache.wait_for_writes()
+        assert cache.counts()["store_skipped"] == 1  # the open breaker spares the store a try
+
+        source.up = False
+        started = anyio.current_time()
+        with pytest.raises(ServiceUnavailableError) as info:
+            await get_item(1)
+        assert anyio.current_time() - started < 2.0
+        assert [type(e).__name__ for e in info.value.errors] == [
+            "ConnectionError",
+            "CircuitOpenError",
+        ]
+
+        awaited = StaleCache(
+            name="awaited", store=RedisStaleStore(client), store_timeout=0.2, writes="await"
+        )
+        source.up = True
+        started = anyio.current_time()
+        assert (await awaited(source.fetch)(2))["item"] == 2  # the write waited 0.2 s at most
+        assert anyio.current_time() - started < 2.0
+        assert awaited.counts()["store_error"] == 1
+    finally:
+        proxy.heal()
+        await client.aclose()

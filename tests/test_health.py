@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
-import jsonschema
 import pytest
+from _health_support import validate
 from _log_capture import LogCapture
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,19 +33,9 @@ from veritas_resilience.testing import FakeClock, RecordingHook
 
 pytestmark = pytest.mark.anyio
 
-SCHEMA = json.loads((Path(__file__).parent / "health_json_schema.json").read_text())
 TOKEN = "tok-3b1f9e"
 DSN_PASSWORD = "pg-Secret-41d8"
 REDIS_PASSWORD = "redis-Secret-77aa"
-
-
-def validate(body: dict[str, Any]) -> None:
-    """Validate a body against the draft's schema, times included."""
-    jsonschema.Draft202012Validator(SCHEMA).validate(body)
-    for items in body.get("checks", {}).values():
-        for item in items:
-            if "time" in item:
-                datetime.fromisoformat(item["time"].replace("Z", "+00:00"))
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -723,3 +711,22 @@ async def test_no_password_or_token_ever_appears_in_any_output() -> None:
     assert "app:***@db1" in everything
     for secret in (DSN_PASSWORD, REDIS_PASSWORD, TOKEN):
         assert secret not in everything
+
+
+async def test_concurrent_shutdowns_both_return_when_the_last_request_ends() -> None:
+    """Two shutdown() calls waiting together both see the drain end, not their timeout."""
+    health = registry(drain_timeout=5)
+    health._request_started()
+    drained: list[bool] = []
+
+    async def shut_down() -> None:
+        drained.append(await health.shutdown())
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shut_down)
+        tg.start_soon(shut_down)
+        await anyio.sleep(0.05)
+        health._request_finished()
+    assert drained == [True, True]
+    assert time.monotonic() - started < 4

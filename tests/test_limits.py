@@ -9,6 +9,7 @@ of a false pass, only slow.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from datetime import timedelta
 from typing import Any
@@ -151,6 +152,90 @@ async def test_call_that_swallows_the_cancellation_keeps_its_result(engine: Time
     assert await timeout(stubborn)() == "late but mine"
     await anyio.lowlevel.checkpoint()  # would raise if a cancellation request were pending
     await anyio.lowlevel.checkpoint()
+
+
+async def test_call_that_catches_the_cancellation_and_waits_again_is_cancelled_again(
+    engine: TimeoutEngine,
+) -> None:
+    """Cancellation is level-triggered on every engine: each await after expiry is cancelled."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    reached: list[str] = []
+
+    async def stubborn() -> str:
+        try:
+            await never()
+        except anyio.get_cancelled_exc_class():
+            reached.append("caught")
+            await anyio.sleep(2)
+            reached.append("slept")
+            return "late"
+        return "unreachable"
+
+    with anyio.fail_after(1.5), pytest.raises(ResilienceTimeoutError):
+        await timeout.call(stubborn)
+    assert reached == ["caught"]
+    assert timeout.expired == 1
+
+
+async def test_each_await_after_expiry_is_cancelled_and_none_is_left_pending(
+    engine: TimeoutEngine,
+) -> None:
+    """A call that swallows three re-cancellations and returns keeps its value; nothing leaks."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    caught = 0
+
+    async def very_stubborn() -> str:
+        nonlocal caught
+        for _ in range(3):
+            try:
+                await never()
+            except anyio.get_cancelled_exc_class():
+                caught += 1
+        return "gave up waiting"
+
+    with anyio.fail_after(5):
+        assert await timeout.call(very_stubborn) == "gave up waiting"
+    assert caught == 3
+    await anyio.lowlevel.checkpoint()  # raises if a cancel request of ours were left pending
+    await anyio.lowlevel.checkpoint()
+
+
+async def test_shielded_section_inside_the_call_finishes_before_the_timeout(
+    engine: TimeoutEngine,
+) -> None:
+    """A shielded scope inside the call is not interrupted; the next await is, on every engine."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    steps: list[str] = []
+
+    async def commit_then_wait() -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(4 * SHORT)
+            steps.append("committed")
+        await never()
+
+    with pytest.raises(ResilienceTimeoutError):
+        await timeout.call(commit_then_wait)
+    assert steps == ["committed"]
+
+
+async def test_timeout_inside_a_shielded_scope_still_expires(engine: TimeoutEngine) -> None:
+    """A shield around the timed call (bounded cleanup) does not stop the timeout's own expiry."""
+    timeout = Timeout(SHORT, hooks=[], engine=engine)
+    with anyio.CancelScope(shield=True), pytest.raises(ResilienceTimeoutError):
+        await timeout.call(never)
+
+
+async def test_nested_timeouts_each_convert_only_their_own_expiry(engine: TimeoutEngine) -> None:
+    """An inner shorter timeout raises its own error; an outer shorter one is not the inner's."""
+    short = Timeout(SHORT, name="short", hooks=[], engine=engine)
+    long = Timeout(5, name="long", hooks=[], engine=engine)
+    with pytest.raises(ResilienceTimeoutError) as inner_first:
+        await long.call(short.call, never)
+    assert inner_first.value.name == "short"
+    with pytest.raises(ResilienceTimeoutError) as outer_first:
+        await short.call(long.call, never)
+    assert outer_first.value.name == "short"
+    assert long.expired == 0
 
 
 async def test_timeout_sees_through_anyio_scopes_inside_the_call(engine: TimeoutEngine) -> None:
@@ -495,6 +580,57 @@ async def test_waiter_cancelled_just_after_being_handed_a_slot_passes_it_on() ->
                 waiter_scope.cancel()  # ...which is cancelled before or while it runs
     assert done == ["last"]
     assert (bulkhead.in_use, bulkhead.queued) == (0, 0)
+
+
+def test_bulkhead_drops_the_calls_of_an_event_loop_that_closed_under_them() -> None:
+    """A loop closed with a call in the slot and one queued: the next asyncio.run is served."""
+    bulkhead = Bulkhead(1, max_queue=5, hooks=[])
+    pending: list[asyncio.Task[None]] = []
+
+    async def hold() -> None:
+        await asyncio.sleep(3600)
+
+    async def fill() -> None:
+        pending.extend(asyncio.create_task(bulkhead.call(hold)) for _ in range(2))
+        await asyncio.sleep(0.01)
+        assert (bulkhead.in_use, bulkhead.queued) == (1, 1)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(fill())
+    loop.close()  # without cancelling the pending calls
+
+    async def later() -> list[int]:
+        with anyio.fail_after(5):  # hung forever on the dead waiter before
+            return [await bulkhead.call(double, i) for i in range(3)]
+
+    assert asyncio.run(later()) == [0, 2, 4]
+    assert (bulkhead.in_use, bulkhead.queued) == (0, 0)
+    pending.clear()
+    gc.collect()  # the dead calls' cleanup gives back nothing twice
+    assert bulkhead.in_use == 0
+
+
+def test_timeout_serves_a_new_loop_after_one_closed_with_a_call_pending() -> None:
+    """The shared timer of a loop closed mid-call is forgotten; the next loop's calls expire."""
+    timeout = Timeout(SHORT, hooks=[])
+    pending: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        pending.append(asyncio.create_task(timeout.call(asyncio.sleep, 3600)))
+        await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
+    loop.close()
+
+    async def later() -> None:
+        assert await timeout.call(double, 2) == 4
+        with anyio.fail_after(5), pytest.raises(ResilienceTimeoutError):
+            await timeout.call(never)
+
+    asyncio.run(later())
+    assert len(timeout._per_loop) == 1
+    pending.clear()
 
 
 def test_bulkhead_rejects_bad_configuration() -> None:

@@ -6,7 +6,14 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from veritas_resilience import CircuitBreaker, CircuitOpenError, StructlogHook, redact
+from veritas_resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    FallbackChain,
+    ServiceUnavailableError,
+    StructlogHook,
+    redact,
+)
 from veritas_resilience.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -55,6 +62,29 @@ async def test_logs_state_changes_and_failures_but_not_successes(clock: FakeCloc
     assert (opened["from_state"], opened["to_state"], opened["open_for"]) == ("closed", "open", 5)
 
 
+class _Internal(ConnectionError):
+    """A private error class, as integrations use internally."""
+
+
+async def test_logs_and_messages_name_the_public_error_type_of_a_private_class() -> None:
+    """error_type is the nearest public class (ConnectionError), never an internal _Name."""
+    hook = StructlogHook(structlog.get_logger("test"))
+    breaker = CircuitBreaker(name="db", failure_threshold=5, hooks=[hook])
+    chain = FallbackChain(lambda: "degraded", name="chain", hooks=[hook])
+
+    async def down() -> str:
+        raise _Internal("not sent: connection refused")
+
+    with capture_logs() as logs:
+        with pytest.raises(ConnectionError):
+            await breaker.call(down)
+        assert await chain.call(down) == "degraded"
+    assert [line["error_type"] for line in logs] == ["ConnectionError", "ConnectionError"]
+    assert "_Internal" not in str(logs)
+    error = ServiceUnavailableError("chain", ["primary"], [_Internal("x")])
+    assert str(error) == "service 'chain' is temporarily unavailable (primary: ConnectionError: x)"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -70,4 +100,19 @@ async def test_logs_state_changes_and_failures_but_not_successes(clock: FakeCloc
 )
 def test_redact(text: str, expected: str) -> None:
     """Passwords in URLs, DSNs and key=value text are replaced; the rest is kept."""
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("password=abc'", "password=***'"),
+        ("dsn='host=db1 password=abc' user=app", "dsn='host=db1 password=***' user=app"),
+        ('dsn="host=db1 password=abc", retry', 'dsn="host=db1 password=***", retry'),
+        ("connect(password=abc)", "connect(password=***)"),
+        ("password=pa'ss host=db1", "password=*** host=db1"),
+    ],
+)
+def test_redact_keeps_the_quote_that_closes_an_enclosing_string(text: str, expected: str) -> None:
+    """An unquoted password ends before the quote closing the string around it, which stays."""
     assert redact(text) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import pytest
+from _log_capture import LogCapture
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +17,8 @@ from veritas_resilience import (
     get_hooks,
     set_hooks,
 )
+from veritas_resilience.instrumentation import prometheus as prometheus_module
+from veritas_resilience.limits import Timeout
 from veritas_resilience.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -157,6 +160,70 @@ def test_two_breakers_with_one_name_never_duplicate_a_series(
     text = generate_latest(prometheus.registry).decode()
     assert text.count('veritas_circuit_breaker_state{name="same",state="closed"}') == 1
     assert a is not b
+
+
+async def test_components_sharing_a_name_add_up_and_a_warning_says_so(
+    prometheus: PrometheusHook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two breakers named alike: no count is dropped (their series add up) and it is logged."""
+    log = LogCapture()
+    monkeypatch.setattr(prometheus_module, "_log", log)
+    a = CircuitBreaker(name="orders-db", failure_threshold=10, hooks=[prometheus])
+    assert log.lines == []
+    b = CircuitBreaker(name="orders-db", failure_threshold=10, hooks=[prometheus])
+    for _ in range(2):
+        await a.call(ok)
+    for _ in range(3):
+        await b.call(ok)
+    with pytest.raises(OSError):
+        await b.call(boom)
+    reg = prometheus.registry
+    assert value(reg, "veritas_circuit_breaker_calls_total", name="orders-db",
+                 outcome="success") == 5  # fmt: skip
+    assert value(reg, "veritas_circuit_breaker_calls_total", name="orders-db",
+                 outcome="failure") == 1  # fmt: skip
+    assert value(reg, "veritas_circuit_breaker_state", name="orders-db", state="closed") == 2
+    [(level, message, fields)] = log.lines
+    assert (level, message, fields["name"], fields["components"]) == (
+        "warning",
+        "metrics_name_shared",
+        "orders-db",
+        2,
+    )
+
+
+async def test_shared_name_histograms_add_up_at_the_bounds_both_have(
+    prometheus: PrometheusHook, clock: FakeClock
+) -> None:
+    """Duration histograms of two same-named breakers merge exactly on their common buckets."""
+    a = CircuitBreaker(
+        name="h", record_duration=True, duration_buckets=(0.1, 1.0), clock=clock, hooks=[prometheus]
+    )
+    b = CircuitBreaker(
+        name="h", record_duration=True, duration_buckets=(1.0, 5.0), clock=clock, hooks=[prometheus]
+    )
+    await a.call(ok)
+    await b.call(ok)
+    await b.call(ok)
+    reg = prometheus.registry
+    metric = "veritas_circuit_breaker_call_duration_seconds"
+    assert value(reg, f"{metric}_bucket", name="h", le="1.0") == 3
+    assert value(reg, f"{metric}_bucket", name="h", le="+Inf") == 3
+    assert value(reg, f"{metric}_count", name="h") == 3
+    assert value(reg, f"{metric}_bucket", name="h", le="0.1") is None
+
+
+def test_components_of_different_kinds_may_share_a_name(
+    prometheus: PrometheusHook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A breaker and a timeout both named after their dependency are no conflict: no warning."""
+    log = LogCapture()
+    monkeypatch.setattr(prometheus_module, "_log", log)
+    breaker = CircuitBreaker(name="payments", hooks=[prometheus])
+    timeout = Timeout(1.0, name="payments", hooks=[prometheus])
+    assert log.lines == []
+    assert value(prometheus.registry, "veritas_timeout_total", name="payments") == 0
+    assert breaker.name == timeout.name
 
 
 async def test_default_hooks_follow_set_hooks(registry: CollectorRegistry) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from prometheus_client import generate_latest
 
 from veritas_resilience import (
     BulkheadFullError,
@@ -20,8 +21,10 @@ from veritas_resilience import (
     CircuitOpenError,
     CircuitState,
     FallbackChain,
+    PrometheusHook,
     ResilienceTimeoutError,
     ServiceUnavailableError,
+    StaleCache,
     track_fallbacks,
 )
 from veritas_resilience.limits import Bulkhead, Timeout
@@ -87,7 +90,8 @@ def full_pipeline(clock: FakeClock, **overrides: Any) -> Pipeline:
 
 async def test_description_lists_policies_in_the_fixed_order(auto_clock: FakeClock) -> None:
     """describe() is always fallback, retry, circuit_breaker, bulkhead, timeout (those present)."""
-    assert full_pipeline(auto_clock).describe() == list(ORDER)
+    classic = ["fallback", "retry", "circuit_breaker", "bulkhead", "timeout"]
+    assert full_pipeline(auto_clock).describe() == [kind for kind in ORDER if kind in classic]
     partial = Pipeline(timeout=1.0, retry=Retry(on=OSError, hooks=[]))
     assert partial.describe() == ["retry", "timeout"]
     assert "retry" in repr(partial) and "timeout" in repr(partial)
@@ -310,6 +314,45 @@ async def test_shorthands_build_policies_named_after_the_pipeline() -> None:
     assert await pipeline(fails)() == "d"
 
 
+async def test_unnamed_parts_of_a_named_pipeline_take_its_name(
+    prometheus: PrometheusHook, auto_clock: FakeClock
+) -> None:
+    """breaker-N, retry-N, fallback-N and cache-N given to a named pipeline are renamed to it."""
+    cache = StaleCache(hooks=[prometheus])
+    breaker = CircuitBreaker(failure_threshold=1, clock=auto_clock, hooks=[prometheus])
+    retry = Retry(on=OSError, attempts=2, clock=auto_clock, hooks=[prometheus])
+    chain = FallbackChain(cache, hooks=[prometheus])
+    assert breaker.name.startswith("breaker-") and retry.name.startswith("retry-")
+    pipeline = Pipeline(name="checkout", fallback=chain, retry=retry, breaker=breaker)
+    assert [p.name for _, p in pipeline.policies] == ["checkout"] * 3
+    assert cache.name == "checkout"
+
+    async def fails() -> None:
+        raise OSError("down")
+
+    with pytest.raises(ServiceUnavailableError) as info:
+        await pipeline(fails)()
+    assert info.value.name == "checkout"
+    assert info.value.steps == ("primary", "checkout")
+    assert isinstance(info.value.errors[0], CircuitOpenError)
+    assert info.value.errors[0].name == "checkout"
+    text = generate_latest(prometheus.registry).decode()
+    assert 'veritas_circuit_breaker_state{name="checkout",state="open"} 1.0' in text
+    assert 'veritas_retry_attempts_total{name="checkout",outcome="retried"} 1.0' in text
+    assert "breaker-" not in text and "retry-" not in text
+
+
+def test_named_parts_and_unnamed_pipelines_keep_their_names() -> None:
+    """A name the user gave is never replaced, and an unnamed pipeline renames nothing."""
+    named = CircuitBreaker(name="orders-db", hooks=[])
+    Pipeline(name="orders", breaker=named)
+    assert named.name == "orders-db"
+    unnamed = Retry(on=OSError, hooks=[])
+    before = unnamed.name
+    pipeline = Pipeline(retry=unnamed)
+    assert unnamed.name == before and pipeline.name.startswith("pipeline-")
+
+
 async def test_one_pipeline_guards_several_functions_with_shared_policies(
     auto_clock: FakeClock,
 ) -> None:
@@ -343,9 +386,13 @@ def test_pipeline_rejects_bad_configuration() -> None:
         Pipeline(breaker="db")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="fallback"):
         Pipeline(fallback="cached")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="seconds"):
+    with pytest.raises(ValueError, match=r"^timeout must be .* > 0"):
         Pipeline(timeout=0)
-    with pytest.raises(ValueError, match="max_concurrent"):
+    with pytest.raises(ValueError, match=r"^timeout must be .* > 0, got -1"):
+        Pipeline(timeout=-1)
+    with pytest.raises(ValueError, match=r"^bulkhead must be >= 1, got 0"):
         Pipeline(bulkhead=0)
+    with pytest.raises(TypeError, match=r"^bulkhead must be an int"):
+        Pipeline(bulkhead=2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="async"):
         Pipeline(timeout=1)(lambda: None)  # type: ignore[arg-type, return-value]

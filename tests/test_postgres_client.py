@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from _pg_support import client, eventually, name, query, run
+from _pg_support import HELD_PATHS, client, eventually, held_outcomes, name, query, run
 from prometheus_client import CollectorRegistry, generate_latest
 
 import veritas_resilience.postgres as vpg
@@ -293,9 +293,9 @@ async def test_a_lagging_standby_gets_no_reads_until_it_catches_up(
         # It came back on its own once it caught up: reads land on it again.
         assert await db.fetchval("SELECT pg_is_in_recovery()") is True
         await run(cluster.wait_replayed, standby)
-        assert await db.fetchval("SELECT count(*) FROM items WHERE id >= $1", base) == (
-            100 * batches
-        )
+        # Between the bounds: new_id() wraps every 1,000 s, older tests' ids may lie above base.
+        count = "SELECT count(*) FROM items WHERE id BETWEEN $1 AND $1 + $2 - 1"
+        assert await db.fetchval(count, base, 100 * batches) == 100 * batches
 
 
 async def test_frozen_link_mid_query_fails_within_command_timeout(
@@ -468,3 +468,67 @@ def test_public_names_are_exactly_all_and_documented() -> None:
         obj = getattr(vpg, n)
         if callable(obj):
             assert (obj.__doc__ or "").strip(), n
+
+
+async def test_callers_waiting_for_the_primary_wait_for_its_breaker_trial(
+    cluster: LocalPostgresCluster,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """Callers that waited out an outage of the primary are not failed by its breaker when it
+    heals: they wait for the breaker's open time and its half-open trial, then all succeed."""
+    p, s = cluster.primary, cluster.standbys[0]
+    proxy = fault_proxy_factory(p.host, p.port)
+    nodes = [Node(host=proxy.host, port=proxy.port, name="proxied"), s.dsn]
+    options = {"failure_threshold": 2, "reset_timeout": 0.6}
+    async with client(nodes, user="postgres", breaker_options=options) as db:
+        assert await db.fetchval("SELECT 1") == 1
+        await run(proxy.refuse)
+        await run(proxy.reset)
+        calls = [asyncio.create_task(db.fetchval("SELECT 1")) for _ in range(20)]
+        await eventually(lambda: db.breaker("proxied").state.value == "open", 5.0, "the breaker")
+        await eventually(lambda: db.primary is None, 5.0, "the primary marked down")
+        await run(proxy.heal)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results == [1] * 20
+        assert db.breaker("proxied").state.value == "closed"
+
+
+async def test_a_lost_link_under_held_connections_raises_the_library_errors(
+    cluster: LocalPostgresCluster,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """The link dies under connections the caller holds (transaction, prepared statement,
+    cursor, acquire(), the caller's own transaction): every path raises ConnectionLostError,
+    inside the block and out of it, never an asyncpg error; the client keeps working."""
+    p = cluster.primary
+    proxy = fault_proxy_factory(p.host, p.port)
+    async with client([(proxy.host, proxy.port)], user="postgres", max_size=10) as db:
+
+        async def cut() -> None:
+            await run(proxy.reset)
+            await asyncio.sleep(0.1)
+
+        outcomes = await held_outcomes(db, cut)
+        assert outcomes == dict.fromkeys(HELD_PATHS, "ConnectionLostError")
+        await eventually(lambda: db.primary is not None, 5.0, "the node to come back")
+        assert await db.fetchval("SELECT 5") == 5
+
+
+async def test_a_statement_timeout_in_a_held_connection_is_a_query_timeout(
+    db: FailoverClient,
+) -> None:
+    """A timed-out statement in a transaction or an acquired connection raises QueryTimeoutError
+    (a TimeoutError), inside the block and out of it; a read-only transaction's 25006 is the
+    caller's own and passes unchanged; a connection used after its block is refused."""
+    for session in (db.transaction(), db.acquire()):
+        with pytest.raises(QueryTimeoutError) as info:
+            async with session as conn:
+                await conn.execute("SELECT pg_sleep(2)", timeout=0.1)
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value.__cause__, (TimeoutError, asyncio.TimeoutError))
+    with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+        async with db.transaction(readonly=True) as conn:
+            await conn.execute("INSERT INTO items VALUES ($1)", new_id())
+    with pytest.raises(RuntimeError, match="went back to the pool"):
+        await conn.fetchval("SELECT 1")  # used after its block: refused, whoever has it now
+    assert await db.fetchval("SELECT 6") == 6

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from datetime import timedelta
+
 import pytest
 
 from veritas_resilience.postgres import FailoverClient, Node, nodes_from_dsn
 from veritas_resilience.postgres._config import coerce_nodes
+from veritas_resilience.postgres._settings import ClientSettings
 
 SECRET = "s3cr3t-pw"
 
@@ -124,3 +129,22 @@ def test_client_repr_names_nodes_without_secrets() -> None:
     assert SECRET not in repr(client._connect) + repr(client._runtimes)
     assert client.nodes[0].name == "db1:5432"
     assert client.primary is None
+
+
+def test_every_client_keyword_is_a_validated_setting_with_the_same_default() -> None:
+    """FailoverClient's keywords (but nodes, clock, hooks) are exactly ClientSettings' fields,
+    with the same defaults: the settings object validates every one of them."""
+    params = inspect.signature(FailoverClient.__init__).parameters
+    keywords = {
+        n: p.default for n, p in params.items() if n not in ("self", "nodes", "clock", "hooks")
+    }
+    fields = {f.name: f.default for f in dataclasses.fields(ClientSettings)}
+    assert keywords == fields
+    # The client passes its keywords through as given: a timedelta becomes seconds here.
+    late = timedelta(milliseconds=1500)
+    settings = ClientSettings(connect_timeout=late, server_settings={"a": "b"})  # type: ignore[arg-type]
+    assert settings.connect_timeout == 1.5
+    assert settings.server_settings == {"application_name": "postgres", "a": "b"}
+    assert settings.breaker_options == {"failure_threshold": 5, "reset_timeout": 2.0}
+    with pytest.raises(ValueError, match="release_timeout"):
+        ClientSettings(release_timeout=0)

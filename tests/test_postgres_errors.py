@@ -20,7 +20,8 @@ from veritas_resilience.postgres import (
     SplitBrainError,
     SystemIdentifierMismatchError,
 )
-from veritas_resilience.postgres._errors import NODE_FAILURES, Kind, classify
+from veritas_resilience.postgres._errors import NODE_FAILURES, ConnectionGone, Kind, classify
+from veritas_resilience.postgres._node import classify_on, gone_error
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,28 @@ def test_messages_say_what_happened_and_where() -> None:
         CommitOutcomeUnknownError(client="db", node="a:1", reason="timeout")
     )
     assert "1.5s" in str(QueryTimeoutError(client="db", node="a:1", timeout=1.5))
+
+
+class _Conn:
+    """Just enough of a connection for classify_on: open or closed."""
+
+    def __init__(self, closed: bool) -> None:
+        self.closed = closed
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+
+def test_any_error_but_the_servers_from_a_closed_connection_is_its_loss() -> None:
+    """Once the client closed a connection, asyncpg's odd errors (an AttributeError from inside
+    it, a released proxy) count as a connection loss and come wrapped as one; the server's own
+    errors, and anything on an open connection, keep their meaning."""
+    odd = AttributeError("'NoneType' object has no attribute 'bind_execute'")
+    assert classify_on(odd, _Conn(closed=True)) is Kind.LOST
+    assert classify_on(odd, _Conn(closed=False)) is Kind.SQL
+    server = asyncpg.UniqueViolationError("duplicate key")
+    assert classify_on(server, _Conn(closed=True)) is Kind.SQL
+    gone = gone_error(odd, _Conn(closed=True))
+    assert isinstance(gone, ConnectionGone) and gone.__cause__ is odd
+    assert classify(gone) is Kind.LOST
+    assert gone_error(server, _Conn(closed=True)) is server

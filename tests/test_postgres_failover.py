@@ -9,20 +9,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from pathlib import Path
 
 import pytest
-from _pg_support import client, eventually, name, query, readable, run
+from _pg_support import (
+    HELD_PATHS,
+    client,
+    eventually,
+    held_outcomes,
+    name,
+    query,
+    readable,
+    run,
+)
 
 from veritas_resilience import BreakerCallFailed
 from veritas_resilience.postgres import (
     CommitOutcomeUnknownError,
+    FileFencingRecord,
+    Node,
     NodeFencedError,
     NoPrimaryError,
     PostgresFailoverDetected,
     PostgresNodeFenced,
     PostgresPromotionAttempted,
 )
-from veritas_resilience.testing import LocalPostgresCluster, PostgresClusterFactory
+from veritas_resilience.testing import (
+    FaultProxyFactory,
+    LocalPostgresCluster,
+    PostgresClusterFactory,
+)
 from veritas_resilience.testing import RecordingHook as Recorder
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -215,16 +231,39 @@ async def test_promotion_while_the_old_primary_is_up_fences_it(
     assert fence and fence[0].node == name(old) and fence[0].reason == "stale_timeline"
 
 
-async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_writes(
+async def test_connections_held_on_a_node_fenced_meanwhile_raise_node_fenced(
     pg_cluster_factory: PostgresClusterFactory,
 ) -> None:
+    """Connections the caller holds on a primary that gets fenced (a standby promoted next to
+    it): every path (transaction, prepared statement, cursor, acquire(), the caller's own
+    transaction) raises NodeFencedError, inside the block and out of it, never an asyncpg
+    error."""
+    cluster = await fresh(pg_cluster_factory)
+    new = cluster.standbys[0]
+    async with client([n.dsn for n in cluster.nodes], max_size=10) as db:
+        old_state = db._topology.nodes[0]
+
+        async def fence() -> None:
+            await run(cluster.promote, new)
+            await eventually(lambda: old_state.fenced is not None, 5.0, "the old primary fenced")
+
+        outcomes = await held_outcomes(db, fence)
+        assert outcomes == dict.fromkeys(HELD_PATHS, "NodeFencedError")
+
+
+async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_writes(
+    pg_cluster_factory: PostgresClusterFactory, tmp_path: Path
+) -> None:
     """The crashed primary restarted by mistake as a primary (TL1 next to TL2) is fenced; even
-    with the real primary down, no write goes to it."""
+    with the real primary down, no write goes to it, not even from a client started then (told
+    min_timeline, or reading the fencing record the first client kept)."""
     cluster = await fresh(pg_cluster_factory)
     old, new = cluster.primary, cluster.standbys[0]
     recorder = Recorder()
     ids = itertools.count(1)
-    async with client([n.dsn for n in cluster.nodes], hooks=[recorder], failover_timeout=1.0) as db:
+    record = FileFencingRecord(tmp_path / "fence.json")
+    async with client([n.dsn for n in cluster.nodes], hooks=[recorder], failover_timeout=1.0,
+                      fencing_record=record) as db:  # fmt: skip
         await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         await run(cluster.kill_primary)
         await run(cluster.promote, new)
@@ -245,11 +284,57 @@ async def test_split_brain_old_primary_restarted_on_the_old_timeline_gets_no_wri
         with pytest.raises(NoPrimaryError):
             await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         assert await ids_on(cluster, old) == on_old
+        # A client started now reaches only the old timeline: min_timeline, or the record the
+        # first client kept, keeps it fenced.
+        for told in ({"min_timeline": 2}, {"fencing_record": record}):
+            async with client([n.dsn for n in cluster.nodes], failover_timeout=0.5,
+                              **told) as fresh_db:  # fmt: skip
+                with pytest.raises(NoPrimaryError):
+                    await fresh_db.execute("INSERT INTO w VALUES ($1, inet_server_port())", 0)
+                assert fresh_db._topology.nodes[0].fenced == "stale_timeline", told
+        sysid = await query(cluster, old, "SELECT system_identifier FROM pg_control_system()")
+        assert await record.load(int(sysid)) == 2
+        assert await ids_on(cluster, old) == on_old
         await run(cluster.start_node, new)
         await db.execute("INSERT INTO w VALUES ($1, inet_server_port())", next(ids))
         assert db.primary == name(new)
     fenced = [e for e in recorder.of(PostgresNodeFenced) if e.fenced]
     assert fenced and fenced[0].node == name(old) and fenced[0].winner in (name(new), None)
+
+
+async def test_one_server_under_two_names_keeps_writing_through_a_promotion(
+    pg_cluster_factory: PostgresClusterFactory,
+    fault_proxy_factory: FaultProxyFactory,
+) -> None:
+    """A proxy in front of the primary (a pooler's address) listed next to the primary's own:
+    one server, not a split brain. After a promotion the proxy is moved to the new primary: its
+    two names are again one primary and writes go on, with no SplitBrainError."""
+    cluster = await fresh(pg_cluster_factory)
+    old, new = cluster.primary, cluster.standbys[0]
+    proxy = fault_proxy_factory(old.host, old.port)
+    nodes = [Node(host=proxy.host, port=proxy.port, name="pooler"), old.dsn, new.dsn]
+    ids = itertools.count(1)
+    insert = "INSERT INTO w VALUES ($1, inet_server_port())"
+    async with client(nodes, user="postgres") as db:
+        await db.execute(insert, next(ids))
+        # The client starts writing as soon as one name answers as primary; the other name of
+        # the same server then becomes its alias, not a second primary.
+        direct = db._topology.nodes[1]
+        await eventually(lambda: direct.alias_of is not None, 5.0, "the alias to be recognised")
+        assert db.primary == "pooler" and db._topology.writes_blocked is None
+        assert (await db.health()).nodes[1].alias_of == "pooler"
+        await run(cluster.kill_primary)
+        await run(cluster.promote, new)
+        await run(proxy.retarget, new.host, new.port)
+        await run(proxy.reset)
+        await eventually(lambda: db.primary == "pooler", 5.0, "the pooler's name to be primary")
+        promoted = db._topology.nodes[2]
+        await eventually(lambda: promoted.role == "primary", 5.0, "the promotion confirmed")
+        for _ in range(20):
+            await db.execute(insert, next(ids))
+        report = await db.health()
+        assert report.writes_blocked is None and report.nodes[2].alias_of == "pooler"
+        assert db._topology.failovers == 1  # old server to new, not one per name
 
 
 async def test_all_nodes_down_fails_fast_with_the_breaker_open_then_recovers(

@@ -24,9 +24,21 @@ def now(x: T) -> T:
     return x
 
 
-def primary(tl: int = 1, lsn: int = 1000, *, sysid: int = SYSID, ro: bool = False) -> Observation:
+def primary(
+    tl: int = 1,
+    lsn: int = 1000,
+    *,
+    sysid: int = SYSID,
+    ro: bool = False,
+    started: float | None = None,
+) -> Observation:
     return Observation(
-        in_recovery=False, read_only=ro, system_identifier=sysid, timeline=tl, lsn=lsn
+        in_recovery=False,
+        read_only=ro,
+        system_identifier=sysid,
+        timeline=tl,
+        lsn=lsn,
+        started_at=started,
     )
 
 
@@ -346,3 +358,61 @@ def test_status_snapshot(clock: FakeClock) -> None:
     s1, s2 = topo.status(n1), topo.status(n2)
     assert s1.active and s1.role == "primary" and not s1.readable
     assert s2.readable and s2.lag_bytes == 500 and s2.timeline == 1
+
+
+def test_one_server_under_two_names_is_one_primary(clock: FakeClock) -> None:
+    """Two names of one server (same identifier, timeline and start time) are not a split brain:
+    the first name takes the writes, the other is its alias; switching between them is no
+    failover. Another start time is another server: writes stop."""
+    topo, (n1, n2, n3) = make(clock, n=3, rise=1)
+    topo.observe(n1, primary(tl=2, started=100.0))
+    topo.observe(n2, primary(tl=2, started=100.0))
+    topo.observe(n3, standby(tl=2))
+    assert now(topo).writes_blocked is None and now(topo).primary is n1
+    assert now(n1).fenced is None and now(n2).fenced is None
+    assert topo.status(n2).alias_of == "n1" and topo.status(n1).alias_of is None
+    topo.observe(n1, None, "OSError")
+    topo.observe(n1, None, "OSError")
+    assert now(topo).primary is n2 and now(topo).failovers == 0
+    topo.observe(n1, primary(tl=2, started=100.0))
+    topo.observe(n2, primary(tl=2, started=200.0))  # restarted elsewhere: another server
+    assert now(topo).writes_blocked == ("split_brain", ("n1", "n2"))
+    assert topo.status(n2).alias_of is None
+
+
+def test_min_timeline_fences_an_older_primary_from_the_start(clock: FakeClock) -> None:
+    """With min_timeline=2, a lone primary on TL1 (seen first, nothing newer reachable) is fenced
+    as stale; a primary on TL2 takes writes."""
+    topo, (n1, n2) = make(clock, rise=1, min_timeline=2)
+    topo.observe(n1, primary(tl=1))
+    topo.observe(n2, None, "OSError")
+    assert now(topo).primary is None and now(n1).fenced == "stale_timeline"
+    topo.observe(n2, primary(tl=2))
+    assert now(topo).primary is n2
+
+
+def test_a_name_that_leads_to_a_promoted_server_is_a_failover(clock: FakeClock) -> None:
+    """A name (a pooler, a moved address) whose primary comes back on a new timeline is counted
+    as a failover, and the connections opened before are evicted."""
+    topo, (n1,) = make(clock, n=1, rise=1)
+    topo.observe(n1, primary(tl=1, started=100.0))
+    generation = n1.generation
+    events = topo.observe(n1, primary(tl=2, started=200.0))
+    assert now(topo).primary is n1 and now(topo).failovers == 1
+    assert any(isinstance(e, PostgresFailoverDetected) for e in events)
+    assert now(n1).generation > generation
+
+
+def test_writes_wait_for_the_fencing_record_and_its_floor_fences(clock: FakeClock) -> None:
+    """Awaiting a fencing record, no node takes writes; the record's timeline then fences an
+    older primary, as if a node had reported it."""
+    topo, (n1, n2) = make(clock, rise=1, await_floor=True)
+    topo.observe(n1, primary(tl=1))
+    topo.observe(n2, None, "OSError")
+    assert now(topo).primary is None and topo.promotion_candidate() is None
+    topo.set_timeline_floor(2)
+    assert now(topo).primary is None and now(n1).fenced == "stale_timeline"
+    other, (m1,) = make(clock, n=1, await_floor=True)
+    other.observe(m1, primary(tl=1))
+    other.set_timeline_floor(None)  # nothing recorded yet: writes go ahead
+    assert now(other).primary is m1

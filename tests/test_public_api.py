@@ -38,7 +38,16 @@ def test_testing_all_lists_exactly_the_public_names() -> None:
     assert _public_names(module) == set(module.__all__)
 
 
-@pytest.mark.parametrize("name", ["veritas_resilience.postgres", "veritas_resilience.redis"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "veritas_resilience.postgres",
+        "veritas_resilience.redis",
+        "veritas_resilience.recovery",
+        "veritas_resilience.chaos",
+        "veritas_resilience.drill",
+    ],
+)
 def test_integration_packages_list_exactly_their_public_names(name: str) -> None:
     """The PostgreSQL and Redis packages export exactly their sorted __all__, all documented."""
     module = importlib.import_module(name)

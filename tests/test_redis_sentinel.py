@@ -16,16 +16,24 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from veritas_resilience import PrometheusHook
+from veritas_resilience.errors import CircuitOpenError, ResilienceError
 from veritas_resilience.events import Event
 from veritas_resilience.redis import (
     NoSentinelAvailableError,
+    NotASentinelError,
     OutcomeUnknownError,
     ReadFrom,
+    RedisAuthenticationError,
+    RedisConfigurationError,
     RedisMasterSwitched,
+    RedisSentinelDisagreement,
+    RedisUnavailableError,
+    RetryPolicy,
     SentinelRedis,
     UnknownServiceError,
     retry_unknown_outcome,
 )
+from veritas_resilience.redis._compat import async_timeout
 from veritas_resilience.redis._pool import FencedConnection
 from veritas_resilience.testing import LocalRedisSentinel
 from veritas_resilience.testing import RecordingHook as Recorder
@@ -252,8 +260,8 @@ async def test_commands_pipelines_transactions_and_pubsub_work_as_with_redis_py(
 async def test_an_unknown_service_and_unreachable_sentinels_are_distinct_errors(
     kit: LocalRedisSentinel,
 ) -> None:
-    """A wrong service name gives UnknownServiceError; no Sentinel answering (or refusing the
-    password), NoSentinelAvailableError."""
+    """A wrong service name gives UnknownServiceError; no Sentinel answering,
+    NoSentinelAvailableError; Sentinels refusing the password, RedisAuthenticationError."""
     wrong_name = SentinelRedis(
         kit.sentinels, "nosuch", sentinel_password=kit.sentinel_password, hooks=[]
     )
@@ -269,7 +277,7 @@ async def test_an_unknown_service_and_unreachable_sentinels_are_distinct_errors(
     wrong_password = SentinelRedis(
         kit.sentinels, kit.service_name, sentinel_password="not-it", hooks=[]
     )
-    with pytest.raises(NoSentinelAvailableError) as refused:
+    with pytest.raises(RedisAuthenticationError) as refused:
         await wrong_password.initialize()
     await wrong_password.aclose()
     assert "not-it" not in str(refused.value)
@@ -710,3 +718,276 @@ async def test_replica_reads_avoid_a_replica_whose_link_to_the_master_is_down(
         await on_node(first, kit.password, "CLIENT", "KILL", "TYPE", "master")
     await eventually(lambda: first in reader._topology.replicas, "taking the replica back")
     await reader.aclose()
+
+
+# -- a paused master (SIGSTOP), deadlines, fencing of in-flight commands ---------------------------
+
+
+@pytest.mark.anyio
+async def test_every_call_ends_within_its_deadline_on_a_paused_master_first_attempt_included(
+    redis_sentinel_factory: Callable[..., LocalRedisSentinel],
+    clients: Callable[..., SentinelRedis],
+) -> None:
+    """A master frozen with SIGSTOP (and not failed over): an RPUSH and a GET end at the 1 s
+    deadline, not at the 5 s socket timeout; the RPUSH may have run, so its outcome is unknown."""
+    topology = redis_sentinel_factory(down_after_ms=60_000)  # the pause only stalls the master
+    client = clients(topology, retry=RetryPolicy(deadline=1.0), socket_timeout=5.0)
+    assert await client.set("dl:warm", 1) is True
+    topology.pause_master()
+    try:
+        started = time.monotonic()
+        with pytest.raises(OutcomeUnknownError):
+            await client.rpush("dl:list", "x")
+        pushed = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError):
+            await client.get("dl:warm")
+        read = time.monotonic() - started
+    finally:
+        topology.resume_master()
+    assert pushed < 1.0 + 0.5 and read < 1.0 + 0.5, (pushed, read)
+
+
+class MixedWriters:
+    """Tasks writing unique ids: even ones RPUSH to one list, odd ones SET a key of their own."""
+
+    def __init__(self, client: SentinelRedis, count: int) -> None:
+        self.client = client
+        self.stop = False
+        self.acked: list[tuple[float, str]] = []  # (when the call started, id)
+        self.errors: list[BaseException] = []
+        self.longest = 0.0
+        self.tasks = [asyncio.ensure_future(self._run(i)) for i in range(count)]
+
+    async def _run(self, index: int) -> None:
+        seq = 0
+        while not self.stop:
+            seq += 1
+            ident = f"{index}:{seq}"
+            started = time.monotonic()
+            try:
+                if index % 2 == 0:
+                    await self.client.rpush("mx:ids", ident)
+                else:
+                    await self.client.set(f"mx:{ident}", 1)
+            except Exception as exc:
+                self.errors.append(exc)
+            else:
+                self.acked.append((started, ident))
+            self.longest = max(self.longest, time.monotonic() - started)
+            await asyncio.sleep(0.01)
+
+    async def finish(self) -> None:
+        self.stop = True
+        await asyncio.gather(*self.tasks)
+
+    async def lost(self, master: Address, password: str | None, after: float) -> list[str]:
+        """Acknowledged ids of calls started after ``after`` that the master does not have."""
+        async with admin(master, password) as node:
+            pushed = set(await node.lrange("mx:ids", 0, -1))
+            missing = []
+            for started, ident in self.acked:
+                if started <= after:
+                    continue
+                index = int(ident.split(":")[0])
+                if index % 2 == 0:
+                    found = ident in pushed
+                else:
+                    found = bool(await node.exists(f"mx:{ident}"))
+                if not found:
+                    missing.append(ident)
+        return missing
+
+
+@pytest.mark.anyio
+async def test_a_sigstop_failover_loses_no_acknowledged_write_and_new_callers_get_the_new_master(
+    redis_sentinel_factory: Callable[..., LocalRedisSentinel],
+    clients: Callable[..., SentinelRedis],
+) -> None:
+    """200 writers, master paused until after the switch: no reply from the old master counts as
+    a success, a new caller is served by the new master while the old one is still frozen, every
+    call ends within its deadline, and callers only ever see the library's own errors."""
+    topology = redis_sentinel_factory()
+    client = clients(topology, retry=RetryPolicy(deadline=3.0), socket_timeout=30.0)
+    await client.initialize()
+    writers = MixedWriters(client, 200)
+    await asyncio.sleep(0.3)
+    old = topology.pause_master()
+    paused = time.monotonic()
+    try:
+        new = await asyncio.to_thread(topology.wait_for_master_change, old, 30)
+        await eventually(switched_to(client, new), "the client's switch")
+        # The old master is still frozen with writes on its sockets: a new caller gets a fresh
+        # connection to the new master instead of waiting for the pool.
+        assert await client.set("mx:fresh", 1) is True
+    finally:
+        topology.resume_master()
+    await asyncio.sleep(0.5)  # the old master answers whatever it still had
+    await writers.finish()
+
+    lost = await writers.lost(new, topology.password, after=paused + 0.05)
+    assert lost == [], f"{len(lost)} acknowledged writes are not on the new master"
+    assert writers.longest < 3.0 + 0.5
+    assert all(isinstance(e, ResilienceError) for e in writers.errors), {
+        type(e).__name__ for e in writers.errors
+    }
+    assert any(isinstance(e, OutcomeUnknownError) for e in writers.errors)  # RPUSHes in flight
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_after_the_event_loop_was_blocked(
+    kit: LocalRedisSentinel, clients: Callable[..., SentinelRedis]
+) -> None:
+    """A loop blocked for longer than the subscriptions' ping interval, then aclose(): it
+    returns, and no task of the client is left behind."""
+    before = {t for t in asyncio.all_tasks() if not t.done()}
+    client = clients(kit)
+    await asyncio.gather(*(client.set(f"cl:{i}", i) for i in range(100)))
+    time.sleep(1.2)  # a blocking call in the event loop's thread
+    try:
+        async with async_timeout(10):
+            await client.aclose()
+    except TimeoutError:
+        pytest.fail("aclose() did not return")
+    left = {t for t in asyncio.all_tasks() if not t.done()} - before - {asyncio.current_task()}
+    assert not left, [t.get_name() for t in left]
+
+
+# -- whom to believe, and misconfiguration --------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_sentinel_of_another_redis_with_a_higher_epoch_is_outvoted_and_reported(
+    redis_sentinel_factory: Callable[..., LocalRedisSentinel],
+    clients: Callable[..., SentinelRedis],
+) -> None:
+    """One listed Sentinel monitors a different Redis under the same service name, with a higher
+    config epoch: the client writes to the master the quorum names, and health, an event and a
+    metric report the disagreement."""
+    ours = redis_sentinel_factory()
+    foreign = redis_sentinel_factory(num_replicas=1, num_sentinels=1)
+    foreign_master = await asyncio.to_thread(foreign.failover, 30.0)  # its epoch is now higher
+    registry = CollectorRegistry()
+    recorder = Recorder()
+    client = SentinelRedis(
+        [*ours.sentinels, *foreign.sentinels],
+        ours.service_name,
+        hooks=[recorder, PrometheusHook(registry)],
+    )
+    try:
+        for i in range(100):
+            await client.set(f"fx:{i}", i)
+        assert client.master_address == ours.master
+        assert await on_node(foreign_master, None, "DBSIZE") == 0
+        health = await client.health()
+        assert health.status == "degraded"
+        foreign_sentinel = f"{foreign.sentinels[0][0]}:{foreign.sentinels[0][1]}"
+        assert foreign_sentinel in health.details["disagreeing_sentinels"]
+        [event] = recorder.of(RedisSentinelDisagreement)
+        assert event.sentinels == (foreign_sentinel,)
+        assert event.named == (f"{foreign_master[0]}:{foreign_master[1]}",)
+        assert metric(registry, "veritas_redis_sentinel_disagreements_total") == 1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mistake", ["data_password", "sentinel_password", "data_as_sentinels"])
+async def test_permanent_misconfiguration_fails_at_once_with_an_error_that_says_what(
+    kit: LocalRedisSentinel, mistake: str
+) -> None:
+    """A wrong data-node password, a wrong Sentinel password, or data nodes listed as Sentinels
+    fail the first command without any retry, with a typed error naming the mistake."""
+    settings: dict[str, Any] = {
+        "password": kit.password,
+        "sentinel_password": kit.sentinel_password,
+        "retry": RetryPolicy(deadline=30.0),
+        "hooks": [],
+    }
+    sentinels = kit.sentinels
+    if mistake == "data_password":
+        settings["password"] = "not-the-password"
+    elif mistake == "sentinel_password":
+        settings["sentinel_password"] = "not-the-password"
+    else:
+        sentinels = kit.nodes
+        settings["sentinel_password"] = kit.password
+    client = SentinelRedis(sentinels, kit.service_name, **settings)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisConfigurationError) as caught:
+            await client.set("mc:k", 1)
+        assert time.monotonic() - started < 5.0  # far from the 30 s deadline: not retried
+    finally:
+        await client.aclose()
+    error = caught.value
+    assert client.retries() == {}
+    assert "not-the-password" not in str(error) and PASSWORD not in str(error)
+    if mistake == "data_as_sentinels":
+        assert isinstance(error, NotASentinelError)
+        assert "SENTINEL" in str(error)
+    else:
+        assert isinstance(error, RedisAuthenticationError)
+        assert isinstance(error, rex.AuthenticationError)
+        assert error.role == ("data node" if mistake == "data_password" else "Sentinel")
+
+
+class BlackHole:
+    """A listener that accepts connections and never answers (a Sentinel behind a dead path)."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.address: Address = ("127.0.0.1", 0)
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> BlackHole:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.writers.append(writer)
+
+        self.server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        self.address = self.server.sockets[0].getsockname()[:2]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.anyio
+async def test_a_command_while_every_sentinel_is_blackholed_says_no_sentinel_available() -> None:
+    """Sentinels that accept connections and never answer: the command fails at its deadline
+    with NoSentinelAvailableError naming them, not with a bare timeout."""
+    async with BlackHole() as first, BlackHole() as second:
+        client = SentinelRedis(
+            [first.address, second.address],
+            "mymaster",
+            retry=RetryPolicy(deadline=1.5),
+            sentinel_timeout=0.2,
+            hooks=[],
+        )
+        try:
+            with pytest.raises(NoSentinelAvailableError) as caught:
+                await client.set("bh:k", 1)
+        finally:
+            await client.aclose()
+    assert f"{first.address[0]}:{first.address[1]}" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_an_open_circuit_is_also_a_redis_py_connection_error(
+    kit: LocalRedisSentinel, clients: Callable[..., SentinelRedis]
+) -> None:
+    """CircuitOpenError raised by the client is caught by redis-py code (except ConnectionError)
+    and by ours (except CircuitOpenError)."""
+    client = clients(kit, retry=RetryPolicy(deadline=0.5))
+    assert client.breaker is not None
+    client.breaker.isolate()
+    try:
+        with pytest.raises(rex.ConnectionError) as caught:
+            await client.get("co:k")
+    finally:
+        client.breaker.reset()
+    assert isinstance(caught.value, CircuitOpenError)
+    assert caught.value.name == "redis:mymaster"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import types
@@ -18,6 +19,9 @@ from veritas_resilience.redis import (
     NoMasterError,
     NoSentinelAvailableError,
     OutcomeUnknownError,
+    PoolExhaustedError,
+    RedisAuthenticationError,
+    RedisCircuitOpenError,
     RedisUnavailableError,
     RetryPolicy,
     SentinelRedis,
@@ -25,6 +29,7 @@ from veritas_resilience.redis import (
     retry_unknown_outcome,
 )
 from veritas_resilience.redis._commands import (
+    FencedReplyError,
     RoleMismatchError,
     StaleConnectionError,
     classify,
@@ -36,6 +41,7 @@ from veritas_resilience.redis._topology import (
     SentinelAnswer,
     SentinelTopology,
     choose_master,
+    elect_master,
     failover_leader,
     healthy_replicas,
     parse_answer,
@@ -173,6 +179,37 @@ def test_equal_epochs_go_by_votes_and_a_tie_keeps_the_current_master() -> None:
     assert choose_master(tie, OLD) == (OLD, 1)
     assert choose_master(tie, NEW) == (NEW, 1)
     assert choose_master([SentinelAnswer(S1, None)], OLD) is None
+
+
+FOREIGN, S4 = ("10.0.9.9", 6379), ("10.0.9.1", 26379)
+
+
+def _replica(address: tuple[str, int]) -> tuple[tuple[str, int], frozenset[str], str]:
+    return (address, frozenset({"slave"}), "ok")
+
+
+def test_a_master_needs_a_quorum_of_the_configured_sentinels_behind_it() -> None:
+    """A listed Sentinel naming another deployment's master with a higher epoch is outvoted and
+    reported; a just-promoted replica that the others know as a replica is backed at once."""
+    voters = {S1, S2, S3, S4}
+    ours = [SentinelAnswer(s, OLD, 3, replicas=(_replica(NEW),)) for s in (S1, S2, S3)]
+    foreign = SentinelAnswer(S4, FOREIGN, 9)
+    election = elect_master([*ours, foreign], OLD, voters=voters, quorum=3)
+    assert election.candidates == ((OLD, 3),)
+    assert election.disagreeing == ((S4, FOREIGN),)
+    promoted = [SentinelAnswer(S1, NEW, 4, replicas=(_replica(OLD),)), *ours[1:]]
+    election = elect_master(promoted, OLD, voters={S1, S2, S3}, quorum=2)
+    assert election.candidates[0] == (NEW, 4)
+    assert election.disagreeing == ()
+
+
+def test_without_a_quorum_nothing_is_elected_and_nobody_is_called_a_dissenter() -> None:
+    """One Sentinel of three answering, or votes from Sentinels that are not configured, elect
+    nothing; that is a lack of quorum, not a disagreement."""
+    alone = elect_master([SentinelAnswer(S1, OLD, 3)], OLD, voters={S1, S2, S3}, quorum=2)
+    assert alone.candidates == () and alone.disagreeing == () and alone.named
+    outsiders = [SentinelAnswer(S4, FOREIGN, 9), SentinelAnswer(S1, OLD, 3)]
+    assert elect_master(outsiders, None, voters={S1, S2, S3}, quorum=2).candidates == ()
 
 
 def test_writes_are_held_while_a_leader_fails_the_master_over_until_it_promotes() -> None:
@@ -557,3 +594,53 @@ def test_importing_the_library_does_not_import_redis() -> None:
         "import veritas_resilience.redis; assert 'redis' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.anyio
+async def test_a_reply_from_a_replaced_master_is_retried_or_has_an_unknown_outcome() -> None:
+    """FencedReplyError: SET runs again (on the new master, at once); RPUSH fails with
+    OutcomeUnknownError whose reason says the reply came from a replaced master."""
+    clock = FakeClock(100.0, auto_advance=True)
+    guard, _ = _guard(clock)
+    assert await _recover(guard, Script(FencedReplyError("late")), ("SET", "k", "v"), 100.0) == "OK"
+    assert guard.retries() == {"fenced_reply": 1}
+    assert clock.slept == []
+    with pytest.raises(OutcomeUnknownError) as caught:
+        await _recover(guard, Script(FencedReplyError("late")), ("RPUSH", "l", "x"), 100.0)
+    assert caught.value.reason == "fenced_reply"
+    assert "switched to another master" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_driver_errors_that_stand_for_ours_are_mapped_and_never_retried() -> None:
+    """A raw AuthenticationError becomes RedisAuthenticationError, MaxConnectionsError
+    PoolExhaustedError, CircuitOpenError RedisCircuitOpenError; none is retried."""
+    clock = FakeClock(100.0, auto_advance=True)
+    guard, _ = _guard(clock)
+    cases = [
+        (rex.AuthenticationError("invalid password"), RedisAuthenticationError),
+        (rex.MaxConnectionsError("Too many connections"), PoolExhaustedError),
+        (CircuitOpenError("redis:mymaster", "forced_open", math.inf), RedisCircuitOpenError),
+    ]
+    for error, expected in cases:
+        with pytest.raises(expected) as caught:
+            await _recover(guard, Script(error), ("GET", "k"), 100.0)
+        assert caught.value.__cause__ is error
+        assert isinstance(caught.value, rex.ConnectionError)
+    assert guard.retries() == {}
+
+
+@pytest.mark.anyio
+async def test_running_out_of_time_with_no_sentinel_answering_says_so() -> None:
+    """Retries through NoSentinelAvailableError end in a copy of it (not RedisUnavailableError),
+    with its own traceback."""
+    clock = FakeClock(100.0, auto_advance=True)
+    guard, _ = _guard(clock, policy=RetryPolicy(deadline=1.0))
+    errors = [
+        NoSentinelAvailableError(name="m", sentinels=["127.0.0.1:1"], errors=["refused"])
+        for _ in range(1000)
+    ]
+    with pytest.raises(NoSentinelAvailableError) as caught:
+        await _recover(guard, Script(*errors), ("SET", "k", "v"), 100.0)
+    assert caught.value.sentinels == ("127.0.0.1:1",)
+    assert all(caught.value is not e for e in errors)

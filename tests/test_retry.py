@@ -22,7 +22,7 @@ from veritas_resilience import (
 from veritas_resilience.retry import (
     Retry,
     RetryBudget,
-    RetryBudgetExhausted,
+    RetryBudgetDenied,
     RetryExhausted,
     RetryScheduled,
     is_testing,
@@ -314,7 +314,7 @@ async def test_budget_stops_retries_across_callers(
         await refund(dep.call)()
     assert dep.calls == 4  # the other caller got no retry at all
     assert budget.exhausted == 2
-    assert [(e.name, e.budget, e.attempts) for e in hook.of(RetryBudgetExhausted)] == [
+    assert [(e.name, e.budget, e.attempts) for e in hook.of(RetryBudgetDenied)] == [
         ("charge", "payments", 3),
         ("refund", "payments", 1),
     ]
@@ -423,6 +423,8 @@ def test_retry_rejects_bad_configuration() -> None:
         Retry(on="OSError")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="capacity"):
         RetryBudget(capacity=0)
+    with pytest.raises(ValueError, match=r"^capacity must be a number >= 1 .*got 0\.5"):
+        RetryBudget(capacity=0.5)  # it could never grant a retry: each takes a whole token
     with pytest.raises(ValueError, match="refill_rate"):
         RetryBudget(refill_rate=-1)
     with pytest.raises(ValueError, match="attempts"):

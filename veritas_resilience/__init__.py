@@ -15,24 +15,30 @@ The PostgreSQL and Redis clients live in ``veritas_resilience.postgres`` and
 
 from __future__ import annotations
 
+from ._adaptive import AdaptiveLimit as AdaptiveLimit
+from ._adaptive import AdaptiveLimitChanged as AdaptiveLimitChanged
+from ._adaptive import AdaptiveLimitRejected as AdaptiveLimitRejected
 from ._cache import MemoryStaleStore as MemoryStaleStore
 from ._cache import StaleStore as StaleStore
 from ._clock import Clock as Clock
 from ._clock import MonotonicClock as MonotonicClock
-from ._fallback import CacheMissError as CacheMissError
 from ._fallback import FallbackChain as FallbackChain
-from ._fallback import FallbackExhausted as FallbackExhausted
-from ._fallback import FallbackServed as FallbackServed
 from ._fallback import FallbackStep as FallbackStep
 from ._fallback import FallbackTracker as FallbackTracker
 from ._fallback import FallbackUse as FallbackUse
 from ._fallback import StaleCache as StaleCache
-from ._fallback import StaleStoreFailed as StaleStoreFailed
-from ._fallback import StaleValueServed as StaleValueServed
 from ._fallback import fallback as fallback
 from ._fallback import track_fallbacks as track_fallbacks
+from ._hedge import Hedge as Hedge
+from ._hedge import HedgeBudgetExhausted as HedgeBudgetExhausted
+from ._hedge import HedgeSkipped as HedgeSkipped
+from ._hedge import HedgeStarted as HedgeStarted
 from ._hooks import get_hooks as get_hooks
 from ._hooks import set_hooks as set_hooks
+from ._rate import RateLimiter as RateLimiter
+from ._rate import RateLimitRejected as RateLimitRejected
+from ._rate import RateLimitStoreFailed as RateLimitStoreFailed
+from ._rate import RateLimitStoreRecovered as RateLimitStoreRecovered
 from ._redact import redact as redact
 from ._redis_store import RedisStaleStore as RedisStaleStore
 from .circuit_breaker import BreakerSnapshot as BreakerSnapshot
@@ -42,7 +48,10 @@ from .circuit_breaker import ExponentialBackoff as ExponentialBackoff
 from .circuit_breaker import ExponentialCircuitBreaker as ExponentialCircuitBreaker
 from .circuit_breaker import FailureRate as FailureRate
 from .errors import BulkheadFullError as BulkheadFullError
+from .errors import CacheMissError as CacheMissError
 from .errors import CircuitOpenError as CircuitOpenError
+from .errors import ConcurrencyLimitError as ConcurrencyLimitError
+from .errors import RateLimitedError as RateLimitedError
 from .errors import ResilienceError as ResilienceError
 from .errors import ResilienceTimeoutError as ResilienceTimeoutError
 from .errors import RetryBudgetExhaustedError as RetryBudgetExhaustedError
@@ -53,26 +62,34 @@ from .events import BreakerCallIgnored as BreakerCallIgnored
 from .events import BreakerCallRejected as BreakerCallRejected
 from .events import BreakerCallSucceeded as BreakerCallSucceeded
 from .events import BreakerStateChanged as BreakerStateChanged
+from .events import BulkheadRejected as BulkheadRejected
 from .events import CircuitState as CircuitState
 from .events import Event as Event
+from .events import FallbackExhausted as FallbackExhausted
+from .events import FallbackServed as FallbackServed
 from .events import Hook as Hook
+from .events import RetryBudgetDenied as RetryBudgetDenied
+from .events import RetryExhausted as RetryExhausted
+from .events import RetryScheduled as RetryScheduled
+from .events import StaleStoreFailed as StaleStoreFailed
+from .events import StaleValueServed as StaleValueServed
+from .events import StaleWritesDropped as StaleWritesDropped
+from .events import TimeoutExpired as TimeoutExpired
 from .instrumentation import PrometheusHook as PrometheusHook
 from .instrumentation import StructlogHook as StructlogHook
 from .limits import Bulkhead as Bulkhead
-from .limits import BulkheadRejected as BulkheadRejected
 from .limits import SchedulingClock as SchedulingClock
 from .limits import Timeout as Timeout
-from .limits import TimeoutExpired as TimeoutExpired
 from .pipeline import Pipeline as Pipeline
 from .retry import Retry as Retry
 from .retry import RetryBudget as RetryBudget
-from .retry import RetryBudgetExhausted as RetryBudgetExhausted
-from .retry import RetryExhausted as RetryExhausted
-from .retry import RetryScheduled as RetryScheduled
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLimit",
+    "AdaptiveLimitChanged",
+    "AdaptiveLimitRejected",
     "BreakerCallCancelled",
     "BreakerCallFailed",
     "BreakerCallIgnored",
@@ -89,6 +106,7 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Clock",
+    "ConcurrencyLimitError",
     "Event",
     "ExponentialBackoff",
     "ExponentialCircuitBreaker",
@@ -99,17 +117,26 @@ __all__ = [
     "FallbackStep",
     "FallbackTracker",
     "FallbackUse",
+    "Hedge",
+    "HedgeBudgetExhausted",
+    "HedgeSkipped",
+    "HedgeStarted",
     "Hook",
     "MemoryStaleStore",
     "MonotonicClock",
     "Pipeline",
     "PrometheusHook",
+    "RateLimitRejected",
+    "RateLimitStoreFailed",
+    "RateLimitStoreRecovered",
+    "RateLimitedError",
+    "RateLimiter",
     "RedisStaleStore",
     "ResilienceError",
     "ResilienceTimeoutError",
     "Retry",
     "RetryBudget",
-    "RetryBudgetExhausted",
+    "RetryBudgetDenied",
     "RetryBudgetExhaustedError",
     "RetryExhausted",
     "RetryScheduled",
@@ -119,6 +146,7 @@ __all__ = [
     "StaleStore",
     "StaleStoreFailed",
     "StaleValueServed",
+    "StaleWritesDropped",
     "StructlogHook",
     "Timeout",
     "TimeoutExpired",

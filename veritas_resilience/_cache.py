@@ -7,6 +7,7 @@ from collections.abc import Hashable
 from typing import Any, Protocol, runtime_checkable
 
 from ._clock import MONOTONIC, Clock
+from ._validate import clock as _clock
 from ._validate import positive_int as _positive_int
 
 __all__ = ["MemoryStaleStore", "StaleStore", "default_key"]
@@ -70,7 +71,7 @@ class MemoryStaleStore:
 
     def __init__(self, max_size: int = 1024, *, clock: Clock = MONOTONIC) -> None:
         self._max_size = _positive_int(max_size, "max_size")
-        self._now = clock.monotonic
+        self._now = _clock(clock).monotonic
         # (namespace, key) -> (value, stored at, expires at)
         self._data: OrderedDict[tuple[str, Hashable], tuple[Any, float, float]] = OrderedDict()
 

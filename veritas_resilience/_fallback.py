@@ -24,9 +24,10 @@ read by the caller with :func:`track_fallbacks`.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import functools
 import inspect
-import itertools
 import sys
 import threading
 from collections.abc import (
@@ -41,22 +42,32 @@ from collections.abc import (
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import anyio
 
-from . import _hooks
+from . import _hooks, _validate
 from ._cache import MemoryStaleStore, StaleStore, default_key
 from ._clock import MONOTONIC, Clock
+from ._loop import LoopTracker, is_closed
 from ._redis_store import RedisStaleStore
 from ._validate import ExceptionMatcher, Seconds
 from ._validate import matcher as _matcher
+from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
-from .errors import ResilienceError, ServiceUnavailableError
-from .events import Event, Hook
+from .circuit_breaker import CircuitBreaker
+from .errors import CacheMissError, CircuitOpenError, ServiceUnavailableError
+from .events import (
+    FallbackExhausted,
+    FallbackServed,
+    Hook,
+    StaleStoreFailed,
+    StaleValueServed,
+    StaleWritesDropped,
+)
 from .instrumentation.prometheus import HistogramValue, define_metric
-from .instrumentation.structlog import LOGGED_EVENTS, error_fields
-from .limits import _name, _require_async
+from .limits import Timeout
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -75,6 +86,7 @@ __all__ = [
     "StaleStore",
     "StaleStoreFailed",
     "StaleValueServed",
+    "StaleWritesDropped",
     "fallback",
     "track_fallbacks",
 ]
@@ -97,142 +109,27 @@ define_metric(
     "counter",
     "Stale-if-error cache operations by outcome: fresh (served without a call), stored, "
     "coalesced (waited for another caller's call), stale (served after an error), miss, expired, "
-    "store_error.",
+    "store_error (a store operation failed or timed out), store_skipped (not tried: the store's "
+    "breaker is open), write_dropped (too many writes pending).",
     ("name", "outcome"),
 )
 
-_CACHE_OUTCOMES = ("fresh", "stored", "coalesced", "stale", "miss", "expired", "store_error")
+_CACHE_OUTCOMES = (
+    "fresh",
+    "stored",
+    "coalesced",
+    "stale",
+    "miss",
+    "expired",
+    "store_error",
+    "store_skipped",
+    "write_dropped",
+)
 
-
-class CacheMissError(ResilienceError):
-    """A stale cache had no value for the call, or only one older than its ``max_staleness``.
-
-    Attributes:
-        name: The cache's name.
-        reason: ``"missing"`` or ``"expired"``.
-        age: The age in seconds of the value that was too old, else None.
-    """
-
-    def __init__(self, name: str, reason: str, age: float | None = None) -> None:
-        super().__init__(name, reason, age)
-        self.name = name
-        self.reason = reason
-        self.age = age
-
-    def __str__(self) -> str:
-        if self.age is None:
-            return f"stale cache {self.name!r} has no value for this call"
-        return f"stale cache {self.name!r} has only a value {self.age:.3f}s old ({self.reason})"
+StoreWrites = Literal["background", "await"]
 
 
 # -- events -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FallbackServed(Event):
-    """A fallback step (not the primary) served the result of a call.
-
-    Attributes:
-        step: The step's name.
-        index: Its position in the chain (1 for the first fallback; the primary is 0).
-        error: The error that reached this step (the previous step's).
-        age: For a stale cache step, the age in seconds of the value served; else None.
-    """
-
-    kind: ClassVar[str] = "fallback"
-    step: str
-    index: int
-    error: BaseException
-    age: float | None = None
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """An info line: the call was served degraded (never with the call's arguments)."""
-        fields: dict[str, Any] = {
-            "chain": self.name,
-            "step": self.step,
-            "index": self.index,
-            "error_type": type(self.error).__name__,
-        }
-        if self.age is not None:
-            fields["stale_age"] = round(self.age, 3)
-        return "info", "fallback_served", fields
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FallbackExhausted(Event):
-    """Every step of a chain that ran failed; ServiceUnavailableError is raised.
-
-    Attributes:
-        steps: The names of the steps that ran, in order.
-        errors: Their errors, in the same order.
-    """
-
-    kind: ClassVar[str] = "fallback"
-    steps: tuple[str, ...]
-    errors: tuple[BaseException, ...]
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """An error line naming the steps and their error types."""
-        return (
-            "error",
-            "fallback_exhausted",
-            {
-                "chain": self.name,
-                "steps": list(self.steps),
-                "error_types": [type(e).__name__ for e in self.errors],
-            },
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StaleValueServed(Event):
-    """A stale cache used as a decorator served a stored value after the call failed.
-
-    Attributes:
-        age: The value's age in seconds.
-        error: The call's error.
-    """
-
-    kind: ClassVar[str] = "stale_cache"
-    age: float
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """An info line: a stale value was served."""
-        return (
-            "info",
-            "stale_value_served",
-            {
-                "cache": self.name,
-                "age": round(self.age, 3),
-                "error_type": type(self.error).__name__,
-            },
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StaleStoreFailed(Event):
-    """A stale cache's store failed to read or write (the call itself is not affected by writes).
-
-    Attributes:
-        operation: ``"get"`` or ``"set"``.
-        error: The store's exception.
-    """
-
-    kind: ClassVar[str] = "stale_cache"
-    operation: str
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning line with the store's error (secrets redacted)."""
-        return (
-            "warning",
-            "stale_store_failed",
-            {"cache": self.name, "operation": self.operation, **error_fields(self.error)},
-        )
-
-
-LOGGED_EVENTS.update({FallbackServed, FallbackExhausted, StaleValueServed, StaleStoreFailed})
 
 
 # -- provenance ---------------------------------------------------------------------------------
@@ -320,15 +217,16 @@ def _track(chain: str, step: str, index: int, age: float | None) -> None:
 
 
 class _Flight:
-    """One call of the primary that concurrent callers with the same key wait for."""
+    """One call that concurrent callers with the same key wait for."""
 
-    __slots__ = ("error", "event", "ok", "result")
+    __slots__ = ("error", "event", "ok", "result", "traceback")
 
     def __init__(self) -> None:
         self.event: anyio.Event | None = None  # made only when a second caller arrives
         self.ok = False
         self.result: Any = None
         self.error: Exception | None = None
+        self.traceback: TracebackType | None = None
 
     async def wait(self) -> None:
         if self.event is None:
@@ -340,7 +238,89 @@ class _Flight:
             self.event.set()
 
 
-_cache_names = itertools.count(1)
+class _SingleFlight:
+    """Concurrent calls with one key share one call: the first makes it, the others wait.
+
+    Flights belong to the event loop they run in (an ``anyio.Event`` does), so they are kept per
+    asyncio loop (per thread under trio), and those of a loop that closed with a call pending are
+    dropped, never waited on. A failed call's error reaches each waiter as a copy of its own, so
+    that a thousand waiters do not stack a thousand sets of frames on one traceback.
+    """
+
+    __slots__ = ("_flights", "_loops", "_owner")
+
+    def __init__(self) -> None:
+        self._flights: dict[tuple[Any, Hashable], _Flight] = {}
+        self._loops = LoopTracker()
+        self._owner: Any = None
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    async def run(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_wait: Callable[[], object] | None = None,
+    ) -> tuple[T, bool]:
+        """Return ``fn``'s result and whether this caller made the call (else it waited)."""
+        loop = self._loops.current()
+        owner = loop if loop is not None else threading.get_ident()
+        if owner != self._owner:
+            self._owner = owner
+            self._forget_closed_loops()
+        flights = self._flights
+        flight_key = (owner, key)
+        flight = flights.get(flight_key)
+        while flight is not None:
+            if on_wait is not None:
+                on_wait()
+            await flight.wait()
+            if flight.ok:
+                return flight.result, False
+            if flight.error is not None:
+                raise _own_copy(flight.error, flight.traceback)
+            # The caller that made the call was cancelled: make it again, maybe as the leader.
+            flight = flights.get(flight_key)
+        flight = flights[flight_key] = _Flight()
+        try:
+            result = await fn(*args, **kwargs)
+            flight.result, flight.ok = result, True
+        except Exception as exc:
+            flight.error, flight.traceback = exc, exc.__traceback__
+            raise
+        finally:
+            if flights.get(flight_key) is flight:
+                del flights[flight_key]
+            flight.finish()
+        return result, True
+
+    def _forget_closed_loops(self) -> None:
+        flights = self._flights
+        for flight_key in [k for k in flights if is_closed(_as_loop(k[0]))]:
+            del flights[flight_key]
+
+
+def _as_loop(owner: Any) -> asyncio.AbstractEventLoop | None:
+    return owner if isinstance(owner, asyncio.AbstractEventLoop) else None
+
+
+def _own_copy(error: Exception, traceback: TracebackType | None) -> Exception:
+    """A waiter's own copy of a coalesced call's error, with the call's traceback and causes."""
+    try:
+        copied = copy.copy(error)
+    except Exception:
+        copied = None
+    if type(copied) is not type(error) or copied is error:
+        # Not copyable: share the error, but without the frames other waiters added to it.
+        return error.with_traceback(traceback)
+    assert copied is not None
+    copied.__cause__ = error.__cause__
+    copied.__context__ = error.__context__
+    copied.__suppress_context__ = error.__suppress_context__
+    return copied.with_traceback(traceback)
 
 
 class StaleCache(_hooks.Instrumented):
@@ -359,10 +339,19 @@ class StaleCache(_hooks.Instrumented):
     the stored value, or re-raised when there is none fresh enough.
 
     Concurrent calls with the same key share one call of the primary (coalescing): a hundred
-    requests for a cold key make one query, and all get its result or its error. With
-    ``fresh_for`` set, a stored value younger than that is returned without calling at all.
-    Results are shared, not copied (the in-memory store keeps them by reference): treat them as
-    read-only.
+    requests for a cold key make one query, and all get its result or its error (each caller
+    its own copy of the error). Lookups of the store are coalesced the same way, so an outage
+    makes one read per key, not one per caller. With ``fresh_for`` set, a stored value younger
+    than that is returned without calling at all. Results are shared, not copied (the in-memory
+    store keeps them by reference): treat them as read-only.
+
+    A store other than the in-memory one (Redis) is bounded: each operation gets
+    ``store_timeout`` seconds and goes through a circuit breaker (``{name}.store``), so a store
+    that refuses connections or stops answering costs the call nothing once the breaker is open,
+    and at most ``store_timeout`` before. Writes run in the background by default (the call
+    returns as soon as the primary has): at most ``max_pending_writes`` at once, further ones are
+    dropped, counted (``write_dropped``) and logged. A store failure never fails or delays a
+    call that succeeded.
 
     Args:
         name: Used in events, metric labels and as the store namespace; ``cache-N`` by default.
@@ -379,11 +368,21 @@ class StaleCache(_hooks.Instrumented):
         coalesce: Whether concurrent calls with one key share one call of the primary.
         on: Which errors of the call make the decorator form serve a stale value (the chain
             form uses its step's ``on``); every ``Exception`` by default.
-        clock: Time source for the in-memory store; ``FakeClock`` in tests.
-        hooks: Hooks for this cache only; the process-wide defaults when None.
+        clock: Time source for the in-memory store and the store's breaker; ``FakeClock`` in
+            tests.
+        hooks: Hooks for this cache (and its store's breaker and timeout) only; the
+            process-wide defaults when None.
+        store_timeout: Seconds (> 0) each operation of a store other than the in-memory one
+            may take before it is given up and counted as a store failure.
+        store_breaker: The breaker guarding that store; by default one named ``{name}.store``
+            that opens after 5 consecutive failures for 10 seconds.
+        writes: ``"background"`` (the default) writes results to that store in a background
+            task; ``"await"`` writes before returning (still bounded by ``store_timeout``).
+        max_pending_writes: The most background writes (>= 1) in flight at once.
 
     Raises:
         ValueError: If a setting is outside its allowed range (the message names it).
+        TypeError: If ``clock``, ``hooks``, ``store`` or ``store_breaker`` is of the wrong type.
     """
 
     def __init__(
@@ -399,9 +398,15 @@ class StaleCache(_hooks.Instrumented):
         on: ExceptionMatcher = Exception,
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
+        store_timeout: Seconds = 0.5,
+        store_breaker: CircuitBreaker | None = None,
+        writes: StoreWrites = "background",
+        max_pending_writes: int = 1000,
     ) -> None:
-        self._name = _name(name, "cache", _cache_names)
+        self._name = _validate.name(name, "cache")
+        self._auto_named = name is None
         self._max_staleness = _seconds(max_staleness, "max_staleness")
+        _validate.clock(clock)
         self._fresh_for = _seconds(fresh_for, "fresh_for", allow_zero=True)
         if self._fresh_for > self._max_staleness:
             raise ValueError(
@@ -423,8 +428,42 @@ class StaleCache(_hooks.Instrumented):
         handles = _matcher(on, "on")
         assert handles is not None
         self._handles = handles
-        self._flights: dict[tuple[int, Hashable], _Flight] = {}
+        self._calls = _SingleFlight()
+        self._reads = _SingleFlight()
         self._n = dict.fromkeys(_CACHE_OUTCOMES, 0)
+        store_seconds = _seconds(store_timeout, "store_timeout")
+        if writes not in ("background", "await"):
+            raise ValueError(f"writes must be 'background' or 'await', got {writes!r}")
+        self._background = writes == "background"
+        self._max_pending = _positive_int(max_pending_writes, "max_pending_writes")
+        self._pending = 0
+        self._dropped = 0  # since the last report
+        self._dropped_reported_at = -float("inf")
+        self._now = clock.monotonic
+        # Background writes on asyncio, each with its ticket: [True] while it counts as pending.
+        self._tasks: dict[asyncio.Task[None], list[bool]] = {}
+        self._loops = LoopTracker()
+        hooks = _validate.hooks(hooks)
+        self._store_parts: tuple[_hooks.Instrumented, ...] = ()
+        if store_breaker is not None and not isinstance(store_breaker, CircuitBreaker):
+            raise TypeError(f"store_breaker must be a CircuitBreaker, got {store_breaker!r}")
+        self._store_breaker: CircuitBreaker | None = None
+        if self._memory is None:
+            part_name = f"{self._name}.store"
+            timeout = Timeout(store_seconds, name=part_name, hooks=hooks)
+            breaker = store_breaker
+            if breaker is None:
+                breaker = CircuitBreaker(
+                    name=part_name, failure_threshold=5, reset_timeout=10, clock=clock, hooks=hooks
+                )
+                self._store_parts = (timeout, breaker)
+            else:
+                self._store_parts = (timeout,)
+            self._store_breaker = breaker
+            self._store_get = breaker(timeout(store.get))
+            self._store_set = breaker(timeout(store.set))
+            self._store_delete = breaker(timeout(store.delete))
+        self._serving_stale = False
         self._init_hooks(hooks)
 
     @property
@@ -446,6 +485,24 @@ class StaleCache(_hooks.Instrumented):
         """Operations since creation, by outcome (the labels of ``veritas_stale_cache_total``)."""
         return dict(self._n)
 
+    @property
+    def serving_stale(self) -> bool:
+        """Whether :meth:`serve_stale` turned on serving stored values without calling."""
+        return self._serving_stale
+
+    def serve_stale(self, enabled: bool = True) -> None:
+        """Serve stored values without calling the source, to take load off it; or stop.
+
+        While on, a call whose key has a stored value younger than ``max_staleness`` gets that
+        value (counted as ``stale``, or ``fresh`` within ``fresh_for``) and the source is not
+        called; a key without one still calls the source. An operator's switch, also used by
+        the alert-driven recovery (``veritas_resilience.recovery.serve_stale``).
+
+        Args:
+            enabled: ``True`` to start serving stored values, ``False`` to call the source again.
+        """
+        self._serving_stale = bool(enabled)
+
     def __repr__(self) -> str:
         return f"<StaleCache {self._name!r} max_staleness={self._max_staleness:g}s>"
 
@@ -453,6 +510,7 @@ class StaleCache(_hooks.Instrumented):
         hooks = self._hookset
         self._w_served = hooks.wants(StaleValueServed)
         self._w_store = hooks.wants(StaleStoreFailed)
+        self._w_dropped = hooks.wants(StaleWritesDropped)
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         if self._keyfn is None:
@@ -461,29 +519,100 @@ class StaleCache(_hooks.Instrumented):
         hash(key)  # fail here, before the call, rather than inside the store
         return key
 
+    def _adopt_name(self, name: str) -> None:
+        """Take ``name`` if auto-named; the store's breaker and timeout built here follow."""
+        if not self._auto_named:
+            return
+        super()._adopt_name(name)
+        for part in self._store_parts:
+            part._auto_named = True
+            part._adopt_name(f"{name}.store")
+
     def _store_failed(self, operation: str, error: Exception) -> None:
+        breaker = self._store_breaker
+        if (
+            isinstance(error, CircuitOpenError)
+            and breaker is not None
+            and error.name == breaker.name
+        ):
+            # Not tried: the breaker logged the store's outage once when it opened.
+            self._n["store_skipped"] += 1
+            return
         self._n["store_error"] += 1
         if self._w_store:
             self._emit(StaleStoreFailed(name=self._name, operation=operation, error=error))
 
     async def _record(self, key: Hashable, value: Any) -> None:
         memory = self._memory
+        if memory is not None:
+            memory.set_now(self._name, key, value, self._max_staleness)
+            self._n["stored"] += 1
+        elif self._background:
+            self._write_later(key, value)
+        else:
+            await self._write(key, value)
+
+    async def _write(self, key: Hashable, value: Any) -> None:
         try:
-            if memory is not None:
-                memory.set_now(self._name, key, value, self._max_staleness)
-            else:
-                await self._store.set(self._name, key, value, self._max_staleness)
+            await self._store_set(self._name, key, value, self._max_staleness)
         except Exception as exc:
             # The call succeeded; failing to remember its result must not turn it into a failure.
             self._store_failed("set", exc)
+        else:
+            self._n["stored"] += 1
+
+    def _write_later(self, key: Hashable, value: Any) -> None:
+        """Write in a background task, unless too many writes are pending already."""
+        if self._pending >= self._max_pending:
+            self._forget_dead_writes()
+        if self._pending >= self._max_pending:
+            self._n["write_dropped"] += 1
+            self._dropped += 1
+            now = self._now()
+            if now - self._dropped_reported_at >= 1.0:
+                self._dropped_reported_at = now
+                if self._w_dropped:
+                    self._emit(
+                        StaleWritesDropped(
+                            name=self._name, dropped=self._dropped, pending=self._pending
+                        )
+                    )
+                self._dropped = 0
             return
-        self._n["stored"] += 1
+        self._pending += 1
+        ticket = [True]
+        loop = self._loops.current()
+        if loop is not None:
+            task = loop.create_task(self._background_write(key, value, ticket))
+            self._tasks[task] = ticket  # a reference until it ends (asyncio keeps weak ones)
+            task.add_done_callback(lambda done: self._tasks.pop(done, None))
+        else:
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._background_write, key, value, ticket)
+
+    async def _background_write(self, key: Hashable, value: Any, ticket: list[bool]) -> None:
+        try:
+            await self._write(key, value)
+        finally:
+            if ticket[0]:
+                ticket[0] = False
+                self._pending -= 1
 
     async def _lookup(self, key: Hashable) -> tuple[Any, float] | None:
+        """The store's value for ``key`` and its age; concurrent lookups of a key share one."""
         memory = self._memory
         if memory is not None:
             return memory.get_now(self._name, key)
-        return await self._store.get(self._name, key)
+        hit, _ = await self._reads.run(key, self._read_store, (key,), {})
+        return hit
+
+    async def _read_store(self, key: Hashable) -> tuple[Any, float] | None:
+        try:
+            return await self._store_get(self._name, key)
+        except Exception as exc:
+            self._store_failed("get", exc)  # once per lookup, not once per waiting caller
+            raise
 
     async def _load(
         self,
@@ -493,52 +622,30 @@ class StaleCache(_hooks.Instrumented):
         kwargs: dict[str, Any],
     ) -> T:
         """Call ``fn`` (coalesced with concurrent callers of ``key``) and remember its result."""
-        if self._fresh_for:
+        fresh_for = self._max_staleness if self._serving_stale else self._fresh_for
+        if fresh_for:
             try:
                 hit = await self._lookup(key)
-            except Exception as exc:
-                self._store_failed("get", exc)
+            except Exception:  # counted and reported by _lookup
                 hit = None
-            if hit is not None and hit[1] <= self._fresh_for:
-                self._n["fresh"] += 1
+            if hit is not None and hit[1] <= fresh_for:
+                self._n["fresh" if hit[1] <= self._fresh_for else "stale"] += 1
                 return hit[0]  # type: ignore[no-any-return]
         if not self._coalesce:
             result = await fn(*args, **kwargs)
             await self._record(key, result)
             return result
-        flights = self._flights
-        flight_key = (threading.get_ident(), key)  # an anyio.Event belongs to one event loop
-        flight = flights.get(flight_key)
-        while flight is not None:
-            self._n["coalesced"] += 1
-            await flight.wait()
-            if flight.ok:
-                return flight.result  # type: ignore[no-any-return]
-            if flight.error is not None:
-                raise flight.error
-            # The caller that made the call was cancelled: make it again, maybe as the leader.
-            flight = flights.get(flight_key)
-        flight = flights[flight_key] = _Flight()
-        try:
-            result = await fn(*args, **kwargs)
-            flight.result, flight.ok = result, True
-        except Exception as exc:
-            flight.error = exc
-            raise
-        finally:
-            if flights.get(flight_key) is flight:
-                del flights[flight_key]
-            flight.finish()
-        await self._record(key, result)
+        result, led = await self._calls.run(key, fn, args, kwargs, self._count_coalesced)
+        if led:
+            await self._record(key, result)
         return result
+
+    def _count_coalesced(self) -> None:
+        self._n["coalesced"] += 1
 
     async def _stale(self, key: Hashable) -> tuple[Any, float]:
         """The stored value for ``key`` and its age, or CacheMissError (or the store's error)."""
-        try:
-            hit = await self._lookup(key)
-        except Exception as exc:
-            self._store_failed("get", exc)
-            raise
+        hit = await self._lookup(key)
         if hit is None:
             self._n["miss"] += 1
             raise CacheMissError(self._name, "missing")
@@ -549,13 +656,48 @@ class StaleCache(_hooks.Instrumented):
         self._n["stale"] += 1
         return value, age
 
+    @property
+    def pending_writes(self) -> int:
+        """Background writes to the store not finished yet."""
+        return self._pending
+
+    async def wait_for_writes(self) -> None:
+        """Wait until the background writes started so far have ended (written or failed).
+
+        Each is bounded by ``store_timeout``; call it before shutting down to keep the last
+        results, or in tests before reading what was written.
+        """
+        # Polled: the writes are tasks of their own, asyncio or trio, and an Event would be
+        # bound to one loop.
+        while self._pending:
+            self._forget_dead_writes()
+            if self._pending:
+                await anyio.sleep(0.001)
+
+    def _forget_dead_writes(self) -> None:
+        """Stop counting the writes of an asyncio loop that closed: they will never end."""
+        for task in [task for task in self._tasks if task.get_loop().is_closed()]:
+            ticket = self._tasks.pop(task)
+            if ticket[0]:
+                ticket[0] = False
+                self._pending -= 1
+
     async def invalidate(self, *args: Any, **kwargs: Any) -> None:
-        """Forget the value stored for a call with these arguments."""
-        await self._store.delete(self._name, self._key(args, kwargs))
+        """Forget the value stored for a call with these arguments.
+
+        Raises:
+            Exception: The store's error (or ``ResilienceTimeoutError``, ``CircuitOpenError``)
+                when it could not be deleted: a value that may still be served is not hidden.
+        """
+        key = self._key(args, kwargs)
+        if self._memory is not None:
+            await self._memory.delete(self._name, key)
+        else:
+            await self._store_delete(self._name, key)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function: remember its results, serve them when it fails."""
-        _require_async(fn, "StaleCache")
+        _validate.require_async(fn, "StaleCache")
         cache = self
 
         @functools.wraps(fn)
@@ -612,7 +754,7 @@ class FallbackStep:
             by default.
     """
 
-    __slots__ = ("_cache", "_call", "_fn", "_handles", "_is_async", "_name")
+    __slots__ = ("_cache", "_call", "_fn", "_handles", "_is_async", "_name", "_named_by_cache")
 
     def __init__(
         self,
@@ -630,6 +772,7 @@ class FallbackStep:
         handles = _matcher(on, "on")
         assert handles is not None
         self._handles = handles
+        self._named_by_cache = name is None and self._cache is not None
         if name is None:
             name = fn.name if isinstance(fn, StaleCache) else getattr(fn, "__name__", None)
         if not isinstance(name, str) or not name:
@@ -652,9 +795,6 @@ class FallbackStep:
 
     def __repr__(self) -> str:
         return f"FallbackStep({self._name!r})"
-
-
-_chain_names = itertools.count(1)
 
 
 class FallbackChain(_hooks.Instrumented):
@@ -698,7 +838,8 @@ class FallbackChain(_hooks.Instrumented):
     ) -> None:
         if not steps:
             raise ValueError("steps: a fallback chain needs at least one fallback step")
-        self._name = _name(name, "fallback", _chain_names)
+        self._name = _validate.name(name, "fallback")
+        self._auto_named = name is None
         built = tuple(s if isinstance(s, FallbackStep) else FallbackStep(s, on=on) for s in steps)
         names = [_PRIMARY, *(s.name for s in built)]
         for step_name in names:
@@ -723,6 +864,19 @@ class FallbackChain(_hooks.Instrumented):
     def name(self) -> str:
         """The chain's name."""
         return self._name
+
+    def _adopt_name(self, name: str) -> None:
+        """Take ``name`` if auto-named, and give it to an auto-named stale cache step too."""
+        super()._adopt_name(name)
+        cache = self._cache
+        if cache is None or not cache._auto_named:
+            return
+        cache._adopt_name(name)
+        names = list(self._step_names)
+        for index, step in enumerate(self._steps, 1):
+            if step._named_by_cache and name not in names:
+                step._name = names[index] = name
+        self._step_names = tuple(names)
 
     @property
     def steps(self) -> tuple[FallbackStep, ...]:
@@ -822,7 +976,7 @@ class FallbackChain(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` primary function with the chain."""
-        _require_async(fn, "FallbackChain")
+        _validate.require_async(fn, "FallbackChain")
         ok = self._ok
         fall_back = self._fall_back
         cache = self._cache

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from . import _validate
+from .errors import public_type_name
 from .events import Event, Hook, wanted_event_types
 
 __all__ = [
@@ -33,10 +35,7 @@ class HookSet:
     __slots__ = ("__weakref__", "_disabled", "_hooks", "_lock", "_wants_cache")
 
     def __init__(self, hooks: Iterable[Hook]) -> None:
-        self._hooks: tuple[Hook, ...] = tuple(hooks)
-        for hook in self._hooks:
-            if not callable(getattr(hook, "on_event", None)):
-                raise TypeError(f"hooks: {hook!r} has no on_event(event) method")
+        self._hooks: tuple[Hook, ...] = _validate.hooks(hooks) or ()
         self._disabled: set[int] = set()
         self._lock = threading.Lock()
         self._wants_cache: dict[type[Event], bool] = {}
@@ -80,7 +79,7 @@ class HookSet:
                     "hook_disabled",
                     hook=repr(hook),
                     event_type=type(event).__name__,
-                    error_type=type(exc).__name__,
+                    error_type=public_type_name(exc),
                     error=str(exc),
                 )
 
@@ -176,6 +175,21 @@ class Instrumented:
     """
 
     _hookset: HookSet
+    _name: str
+    _auto_named: bool = False
+    """Whether the name was made up (``breaker-3``): a :class:`Pipeline` then gives it its own."""
+
+    def _adopt_name(self, name: str) -> None:
+        """Take ``name`` if this component was auto-named; keep a name the user gave."""
+        if not self._auto_named:
+            return
+        exporters = [h for h in self._hookset.hooks if callable(getattr(h, "detach", None))]
+        for hook in exporters:
+            hook.detach(self)  # type: ignore[attr-defined]
+        self._name = name
+        self._auto_named = False
+        for hook in exporters:
+            hook.attach(self)  # type: ignore[attr-defined]
 
     def _init_hooks(self, hooks: Sequence[Hook] | None) -> None:
         if hooks is None:

@@ -11,7 +11,9 @@ _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<
 # password=secret, "password": "secret", passwd 'secret', auth_pass=...
 _KV_PASSWORD = re.compile(
     r"(?P<key>\b(?:password|passwd|pwd|pass|auth_pass|requirepass|masterauth)\b['\"]?\s*[=:]\s*)"
-    r"(?P<pw>'[^']*'|\"[^\"]*\"|[^\s,;&)}]*)",
+    # An unquoted value ends before a delimiter, leaving out one quote just before it: the quote
+    # that closes an enclosing string ("dsn='... password=abc'") is kept, not masked away.
+    r"(?P<pw>'[^']*'|\"[^\"]*\"|[^\s,;&)}]*?(?=['\"]?(?:[\s,;&)}]|$)))",
     re.IGNORECASE,
 )
 # Redis config lines and commands: "requirepass s3cret", "sentinel auth-pass mymaster s3cret"

@@ -42,6 +42,10 @@ class RedisStaleStore:
         prefix: Prepended to every key.
         dumps: Serializes a value to bytes; JSON by default.
         loads: Deserializes what ``dumps`` wrote; ``json.loads`` by default.
+
+    Raises:
+        TypeError: If ``client`` is not a redis.asyncio client, or another argument has the wrong
+            type.
     """
 
     def __init__(
@@ -52,8 +56,18 @@ class RedisStaleStore:
         dumps: Callable[[Any], bytes] = _json_dumps,
         loads: Callable[[bytes], Any] = json.loads,
     ) -> None:
+        missing = [
+            m for m in ("pipeline", "set", "delete") if not callable(getattr(client, m, None))
+        ]
+        if missing:
+            raise TypeError(
+                "client must be a redis.asyncio client (Redis or RedisCluster, "
+                f"decode_responses=False), got {client!r}"
+            )
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {prefix!r}")
+        if not callable(dumps) or not callable(loads):
+            raise TypeError("dumps and loads must be functions (value -> bytes, bytes -> value)")
         self._client = client
         self._prefix = prefix
         self._dumps = dumps

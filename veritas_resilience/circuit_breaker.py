@@ -43,7 +43,9 @@ from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, overload
 from . import _hooks
 from ._clock import MONOTONIC, Clock
 from ._validate import ExceptionMatcher, Seconds
+from ._validate import clock as _clock
 from ._validate import matcher as _matcher
+from ._validate import name as _auto_name
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .errors import CircuitOpenError
@@ -58,7 +60,6 @@ from .events import (
     Hook,
 )
 from .instrumentation.prometheus import HistogramValue, cumulative_buckets, define_metric
-from .limits import _name
 
 __all__ = [
     "BreakerSnapshot",
@@ -364,7 +365,6 @@ class BreakerSnapshot:
 
 # (generation, probe token or 0, admitting state, start time or None)
 _Permit: TypeAlias = "tuple[int, int, CircuitState, float | None]"
-_names = itertools.count(1)
 
 
 # -- the guard: the one body of every form of call -----------------------------------------------
@@ -562,7 +562,8 @@ class CircuitBreaker(_hooks.Instrumented):
         hooks: Sequence[Hook] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self._name = _name(name, "breaker", _names)
+        self._name = _auto_name(name, "breaker")
+        self._auto_named = name is None
         self._failure_threshold = _positive_int(failure_threshold, "failure_threshold")
         self._reset_timeout = _seconds(reset_timeout, "reset_timeout")
         self._success_threshold = _positive_int(success_threshold, "success_threshold")
@@ -603,7 +604,7 @@ class CircuitBreaker(_hooks.Instrumented):
         self._hist_sum = 0.0
         self._record_duration = bool(record_duration)
         self._timed = self._record_duration or self._slow is not None
-        self._clock = clock
+        self._clock = _clock(clock)
         self._now = clock.monotonic
         self._rng = rng
 

@@ -1,14 +1,25 @@
 """The ``veritas-resilience`` command (also ``python -m veritas_resilience``).
 
-Subcommands:
+Subcommands (``veritas-resilience COMMAND --help`` describes each):
 
 - ``demo``: a breaker in front of a dependency that fails and then recovers. It prints every state
   change as it happens, then the Prometheus exposition of the breaker's metrics.
+- ``rules``: the Prometheus rules (or, with ``--dashboard``, the Grafana dashboard), adapted.
+- ``serve``: the health endpoints and the Alertmanager receiver in one uvicorn server.
+- ``drill``: a failover drill on real servers (started on loopback, or yours); exits non-zero
+  when a scenario fails.
+- ``proxy``: the TCP fault proxy server with Toxiproxy's HTTP API.
+
+The parser is built by ``_parser()``, one way for every subcommand: its module adds a subparser
+with plain-text ``help``/``description`` (this docstring is for readers of the code; ``--help``
+never shows it) and sets ``run`` with ``set_defaults(run=function)``; ``main()`` calls
+``args.run(args)`` and exits with what it returns.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -78,16 +89,70 @@ async def _demo(backend_name: str) -> None:
     print(generate_latest(registry).decode())
 
 
+_DESCRIPTION = "Resilience tools for Python services: circuit breakers, fallbacks, retries."
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .chaos import _cli as proxy_cli
+    from .drill import _cli as drill_cli
+    from .recovery import _cli as recovery_cli
+
+    parser = argparse.ArgumentParser(prog="veritas-resilience", description=_DESCRIPTION)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="a breaker opening, half-opening and closing",
+        description="Run a circuit breaker in front of a dependency that fails for a second and "
+        "then recovers; print each state change, then the Prometheus metrics.",
+    )
+    demo.add_argument(
+        "--backend",
+        choices=["asyncio", "trio"],
+        default="asyncio",
+        help="the event loop to run on (trio needs the 'trio' extra; default: asyncio)",
+    )
+    demo.set_defaults(run=_run_demo)
+    recovery_cli.add_commands(sub)  # rules, serve
+    drill = sub.add_parser(
+        "drill",
+        help="a failover drill on real servers",
+        description="Run failover scenarios against PostgreSQL and Redis (started on loopback, "
+        "or yours) under a workload, check what the clients saw, and report; the exit status "
+        "is non-zero when a scenario fails.",
+    )
+    drill_cli.add_arguments(drill)
+    drill.set_defaults(run=drill_cli.run)
+    proxy = sub.add_parser(
+        "proxy",
+        help="a fault proxy with Toxiproxy's API",
+        description="Serve the TCP fault proxy with Toxiproxy's HTTP API, so tools written for "
+        "Toxiproxy can inject latency, cuts and black holes.",
+    )
+    proxy_cli.add_arguments(proxy)
+    proxy.set_defaults(run=proxy_cli.run)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        print(
+            "veritas-resilience: --backend trio needs trio, which is not installed; "
+            "install it with: pip install 'veritas-resilience[trio]'",
+            file=sys.stderr,
+        )
+        return 2
+    anyio.run(_demo, args.backend, backend=args.backend)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = argparse.ArgumentParser(prog="veritas-resilience", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a breaker opening, half-opening and closing")
-    demo.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        anyio.run(_demo, args.backend, backend=args.backend)
-    return 0
+    args = _parser().parse_args(argv)
+    return int(args.run(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,8 @@ pass through unchanged unless an integration maps them at its boundary::
     ├── CacheMissError              a stale-if-error cache had no usable value (``StaleCache``)
     ├── RetryBudgetExhaustedError   the shared retry budget of a dependency is spent
     ├── BulkheadFullError           a concurrency limit and its wait queue are full
+    │   └── ConcurrencyLimitError   an adaptive concurrency limit is reached (``AdaptiveLimit``)
+    ├── RateLimitedError            a rate limiter refused the call (name, retry_after)
     ├── ResilienceTimeoutError      a timeout policy expired (also a built-in ``TimeoutError``)
     ├── postgres.PostgresError      the PostgreSQL failover client (``veritas_resilience.postgres``)
     └── redis.RedisError            the Redis Sentinel/Cluster client (``veritas_resilience.redis``)
@@ -25,7 +27,10 @@ from typing import TYPE_CHECKING
 
 __all__ = [
     "BulkheadFullError",
+    "CacheMissError",
     "CircuitOpenError",
+    "ConcurrencyLimitError",
+    "RateLimitedError",
     "ResilienceError",
     "ResilienceTimeoutError",
     "RetryBudgetExhaustedError",
@@ -35,6 +40,18 @@ __all__ = [
 
 class ResilienceError(Exception):
     """Root of every error raised by veritas-resilience."""
+
+
+def public_type_name(error: BaseException) -> str:
+    """The name of ``error``'s class, or of its nearest public base when the class is private.
+
+    Logs, events and messages name error types with it, so an internal class (``_NotSent``)
+    never shows up where users and operators read: they see the type they can catch.
+    """
+    for cls in type(error).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return "BaseException"  # pragma: no cover - BaseException itself is public
 
 
 class CircuitOpenError(ResilienceError):
@@ -89,9 +106,30 @@ class ServiceUnavailableError(ResilienceError):
 
     def __str__(self) -> str:
         causes = "; ".join(
-            f"{step}: {type(err).__name__}: {err}" for step, err in zip(self.steps, self.errors)
+            f"{step}: {public_type_name(err)}: {err}" for step, err in zip(self.steps, self.errors)
         )
         return f"service {self.name!r} is temporarily unavailable ({causes or 'no step ran'})"
+
+
+class CacheMissError(ResilienceError):
+    """A stale cache had no value for the call, or only one older than its ``max_staleness``.
+
+    Attributes:
+        name: The cache's name.
+        reason: ``"missing"`` or ``"expired"``.
+        age: The age in seconds of the value that was too old, else None.
+    """
+
+    def __init__(self, name: str, reason: str, age: float | None = None) -> None:
+        super().__init__(name, reason, age)
+        self.name = name
+        self.reason = reason
+        self.age = age
+
+    def __str__(self) -> str:
+        if self.age is None:
+            return f"stale cache {self.name!r} has no value for this call"
+        return f"stale cache {self.name!r} has only a value {self.age:.3f}s old ({self.reason})"
 
 
 class RetryBudgetExhaustedError(ResilienceError):
@@ -126,6 +164,37 @@ class BulkheadFullError(ResilienceError):
 
     def __str__(self) -> str:
         return f"bulkhead {self.name!r} is full ({self.max_concurrent} concurrent calls)"
+
+
+class ConcurrencyLimitError(BulkheadFullError):
+    """An adaptive concurrency limit was reached; the call was rejected at once, not queued.
+
+    It is a :class:`BulkheadFullError`, so code that handles a full bulkhead handles it too.
+
+    Attributes:
+        name: The limit's name.
+        max_concurrent: The limit when the call was rejected.
+    """
+
+    def __str__(self) -> str:
+        return f"adaptive limit {self.name!r} is reached ({self.max_concurrent} concurrent calls)"
+
+
+class RateLimitedError(ResilienceError):
+    """A rate limiter refused the call: no permit now, nor within the time it may wait.
+
+    Attributes:
+        name: The rate limiter's name.
+        retry_after: Seconds until a permit will be free (for a ``Retry-After`` header).
+    """
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(name, retry_after)
+        self.name = name
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"rate limiter {self.name!r} refused the call; retry after {self.retry_after:.3f}s"
 
 
 class ResilienceTimeoutError(ResilienceError, TimeoutError):

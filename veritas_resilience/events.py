@@ -15,6 +15,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from ._redact import redact
+from .errors import public_type_name as _public_type_name
+
 __all__ = [
     "BreakerCallCancelled",
     "BreakerCallFailed",
@@ -22,9 +25,19 @@ __all__ = [
     "BreakerCallRejected",
     "BreakerCallSucceeded",
     "BreakerStateChanged",
+    "BulkheadRejected",
     "CircuitState",
     "Event",
+    "FallbackExhausted",
+    "FallbackServed",
     "Hook",
+    "RetryBudgetDenied",
+    "RetryExhausted",
+    "RetryScheduled",
+    "StaleStoreFailed",
+    "StaleValueServed",
+    "StaleWritesDropped",
+    "TimeoutExpired",
 ]
 
 
@@ -129,6 +142,237 @@ class BreakerCallRejected(Event):
     retry_after: float
 
 
+# -- policies -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutExpired(Event):
+    """A timeout policy gave up on a call.
+
+    Attributes:
+        timeout: The limit, in seconds.
+    """
+
+    kind: ClassVar[str] = "timeout"
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadRejected(Event):
+    """A bulkhead rejected a call: no free slot and no room in its queue, or the wait timed out.
+
+    Attributes:
+        max_concurrent: The bulkhead's concurrency limit.
+        queued: Calls waiting for a slot when this one was rejected.
+    """
+
+    kind: ClassVar[str] = "bulkhead"
+    max_concurrent: int
+    queued: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryScheduled(Event):
+    """An attempt failed with a retryable error; the next one starts after ``wait`` seconds.
+
+    Attributes:
+        attempt: The number of the attempt that failed (1 for the first).
+        wait: Seconds until the next attempt.
+        error: The attempt's exception.
+    """
+
+    kind: ClassVar[str] = "retry"
+    attempt: int
+    wait: float
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryExhausted(Event):
+    """The last attempt failed and no attempt or time is left; its error is raised.
+
+    Attributes:
+        attempts: How many attempts were made.
+        elapsed: Seconds from the first failure to the last.
+        error: The last attempt's exception.
+    """
+
+    kind: ClassVar[str] = "retry"
+    attempts: int
+    elapsed: float
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """A warning: the call failed after every retry."""
+        return (
+            "warning",
+            "retries_exhausted",
+            {
+                "retry": self.name,
+                "attempts": self.attempts,
+                "elapsed": round(self.elapsed, 6),
+                **_error_fields(self.error),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudgetDenied(Event):
+    """A retry was wanted but the shared budget had no token left.
+
+    Attributes:
+        budget: The budget's name (``name`` is the retry policy's).
+        attempts: Attempts made before the budget stopped the call.
+        error: The last attempt's exception (the cause of the raised error).
+    """
+
+    kind: ClassVar[str] = "retry"
+    budget: str
+    attempts: int
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """A warning: retries are being shed."""
+        return (
+            "warning",
+            "retry_budget_exhausted",
+            {
+                "retry": self.name,
+                "budget": self.budget,
+                "attempts": self.attempts,
+                **_error_fields(self.error),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackServed(Event):
+    """A fallback step (not the primary) served the result of a call.
+
+    Attributes:
+        step: The step's name.
+        index: Its position in the chain (1 for the first fallback; the primary is 0).
+        error: The error that reached this step (the previous step's).
+        age: For a stale cache step, the age in seconds of the value served; else None.
+    """
+
+    kind: ClassVar[str] = "fallback"
+    step: str
+    index: int
+    error: BaseException
+    age: float | None = None
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """An info line: the call was served degraded (never with the call's arguments)."""
+        fields: dict[str, Any] = {
+            "chain": self.name,
+            "step": self.step,
+            "index": self.index,
+            "error_type": _public_type_name(self.error),
+        }
+        if self.age is not None:
+            fields["stale_age"] = round(self.age, 3)
+        return "info", "fallback_served", fields
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackExhausted(Event):
+    """Every step of a chain that ran failed; ServiceUnavailableError is raised.
+
+    Attributes:
+        steps: The names of the steps that ran, in order.
+        errors: Their errors, in the same order.
+    """
+
+    kind: ClassVar[str] = "fallback"
+    steps: tuple[str, ...]
+    errors: tuple[BaseException, ...]
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """An error line naming the steps and their error types."""
+        return (
+            "error",
+            "fallback_exhausted",
+            {
+                "chain": self.name,
+                "steps": list(self.steps),
+                "error_types": [_public_type_name(e) for e in self.errors],
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaleValueServed(Event):
+    """A stale cache used as a decorator served a stored value after the call failed.
+
+    Attributes:
+        age: The value's age in seconds.
+        error: The call's error.
+    """
+
+    kind: ClassVar[str] = "stale_cache"
+    age: float
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """An info line: a stale value was served."""
+        return (
+            "info",
+            "stale_value_served",
+            {
+                "cache": self.name,
+                "age": round(self.age, 3),
+                "error_type": _public_type_name(self.error),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaleStoreFailed(Event):
+    """A stale cache's store failed to read or write (the call itself is not affected by writes).
+
+    Attributes:
+        operation: ``"get"`` or ``"set"``.
+        error: The store's exception.
+    """
+
+    kind: ClassVar[str] = "stale_cache"
+    operation: str
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """A warning line with the store's error (secrets redacted)."""
+        return (
+            "warning",
+            "stale_store_failed",
+            {"cache": self.name, "operation": self.operation, **_error_fields(self.error)},
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaleWritesDropped(Event):
+    """A stale cache dropped writes to its store: too many were pending (the store is slow).
+
+    Reported at most once a second while it lasts; ``veritas_stale_cache_total`` counts every one.
+
+    Attributes:
+        dropped: Writes dropped since the last report.
+        pending: Writes pending when the last one was dropped (the ``max_pending_writes`` limit).
+    """
+
+    kind: ClassVar[str] = "stale_cache"
+    dropped: int
+    pending: int
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """A warning: values were not remembered, so fewer stale answers will be possible."""
+        return (
+            "warning",
+            "stale_writes_dropped",
+            {"cache": self.name, "dropped": self.dropped, "pending": self.pending},
+        )
+
+
 @runtime_checkable
 class Hook(Protocol):
     """Receives events from the primitives it is installed on.
@@ -148,3 +392,10 @@ def wanted_event_types(hook: Any) -> frozenset[type[Event]] | None:
     """Return the event classes ``hook`` asked for, or ``None`` for all (internal helper)."""
     events = getattr(hook, "event_types", None)
     return None if events is None else frozenset(events)
+
+
+def _error_fields(error: BaseException | None) -> dict[str, str]:
+    """Describe an exception for a log line: its public type and its message, secrets redacted."""
+    if error is None:
+        return {}
+    return {"error_type": _public_type_name(error), "error": redact(str(error))}

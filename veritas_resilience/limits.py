@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
-import itertools
 import sys
 import threading
 import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    ClassVar,
     Literal,
     ParamSpec,
     Protocol,
@@ -44,13 +40,14 @@ from typing import (
 
 import anyio
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import Clock, MonotonicClock
+from ._loop import LoopTracker, is_closed
 from ._validate import Seconds
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .errors import BulkheadFullError, ResilienceTimeoutError
-from .events import Event, Hook
+from .events import BulkheadRejected, Hook, TimeoutExpired
 from .instrumentation.prometheus import HistogramValue, define_metric
 
 if TYPE_CHECKING:
@@ -75,39 +72,12 @@ define_metric(
 )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TimeoutExpired(Event):
-    """A timeout policy gave up on a call.
-
-    Attributes:
-        timeout: The limit, in seconds.
-    """
-
-    kind: ClassVar[str] = "timeout"
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BulkheadRejected(Event):
-    """A bulkhead rejected a call: no free slot and no room in its queue, or the wait timed out.
-
-    Attributes:
-        max_concurrent: The bulkhead's concurrency limit.
-        queued: Calls waiting for a slot when this one was rejected.
-    """
-
-    kind: ClassVar[str] = "bulkhead"
-    max_concurrent: int
-    queued: int
-
-
 # -- timeout ------------------------------------------------------------------------------------
 
 _get_running_loop = asyncio._get_running_loop
 _get_ident = threading.get_ident
 _current_task = asyncio.current_task
 _CancelledError = asyncio.CancelledError
-_timeout_names = itertools.count(1)
 _trio: types.ModuleType | None = None
 
 if sys.version_info >= (3, 11):
@@ -122,11 +92,52 @@ else:  # pragma: no cover - Python 3.10 has no cancel counting; every expiry is 
         return 0
 
 
-# A call under a timeout on asyncio is a list, cheaper to make than an object:
-# [deadline, task, the task's cancel count on entry, state].
-_AT, _TASK, _CANCELLING, _STATE = 0, 1, 2, 3
-_ACTIVE, _DONE, _EXPIRED = 0, 1, 2
+# A call under a timeout on asyncio is a list, cheaper to make than an object: [deadline, task,
+# the task's cancel count on entry, state, the task's innermost anyio cancel scope on entry, how
+# many times our expiry cancelled the task].
+_AT, _TASK, _CANCELLING, _STATE, _OUTER, _CANCELS = 0, 1, 2, 3, 4, 5
+_ACTIVE, _DONE, _EXPIRED, _ENDED = 0, 1, 2, 3
 _Entry: TypeAlias = "list[Any]"
+
+# anyio's cancel scopes on asyncio, read to honour shielded scopes inside a call (anyio's own
+# semantics). Private to anyio: when its layout changes, shields are simply not seen.
+try:
+    from anyio._backends._asyncio import _task_states as _anyio_task_states
+
+    _anyio_states: dict[Any, Any] = _anyio_task_states.data  # type: ignore[attr-defined]
+    _anyio_state_of: Callable[[Any], Any] = _anyio_task_states.get
+except (ImportError, AttributeError):  # pragma: no cover
+    _anyio_states = {}
+
+    def _anyio_state_of(task: Any) -> Any:
+        return None
+
+
+_last_anyio_state: tuple[Any, Any] = (None, None)  # (task, its anyio TaskState): a one-slot cache
+
+
+def _anyio_scope(task: asyncio.Task[Any]) -> Any:
+    """The innermost anyio cancel scope ``task`` is in, or None (cheap when anyio is unused)."""
+    global _last_anyio_state
+    if not _anyio_states:
+        return None
+    last_task, state = _last_anyio_state
+    if last_task is not task:
+        state = _anyio_state_of(task)
+        if state is None:
+            return None
+        _last_anyio_state = (task, state)
+    return getattr(state, "cancel_scope", None)
+
+
+def _shielded(task: asyncio.Task[Any], outer: Any) -> bool:
+    """Whether ``task`` is in a shielded anyio scope entered inside the call (below ``outer``)."""
+    scope = _anyio_scope(task)
+    while scope is not None and scope is not outer:
+        if getattr(scope, "_shield", False):
+            return True
+        scope = getattr(scope, "_parent_scope", None)
+    return False
 
 
 class _LoopDeadlines:
@@ -188,12 +199,50 @@ class _LoopDeadlines:
                 entry[_STATE] = _EXPIRED
                 self.active -= 1
                 expired += 1
-                entry[_TASK].cancel(f"veritas timeout {self.policy.name!r} expired")
+                self.deliver(entry)
             else:
                 self.handle = self.loop.call_at(entry[_AT], self.fire)
                 break
         if expired:
             self.policy._record_expired(expired)
+
+    def deliver(self, entry: _Entry) -> None:
+        """Cancel an expired call's task again whenever it waits, until the call ends.
+
+        This is anyio's level-triggered cancellation (a cancelled scope cancels every await
+        inside it, not just the one it interrupted), so a call that catches the cancellation
+        and awaits again is cancelled again, as under ``engine="anyio"`` and on trio. As in
+        anyio, a task waiting in a shielded anyio scope entered inside the call is left alone
+        until it leaves that scope. Only expired calls pay for this.
+        """
+        if entry[_STATE] != _EXPIRED:
+            return
+        task: asyncio.Task[Any] = entry[_TASK]
+        if task.done():
+            return
+        waiter = getattr(task, "_fut_waiter", None)
+        if (
+            not (isinstance(waiter, asyncio.Future) and waiter.done())
+            and not getattr(task, "_must_cancel", False)
+            and not _shielded(task, entry[_OUTER])
+        ):
+            # As anyio does: cancel unless the task is about to wake with a result anyway.
+            task.cancel(f"veritas timeout {self.policy.name!r} expired")
+            entry[_CANCELS] += 1
+        elif isinstance(waiter, asyncio.Future) and not waiter.done():
+            # Shielded while waiting: look again once that wait ends (after the task's step).
+            waiter.add_done_callback(lambda _: self.loop.call_soon(self.deliver, entry))
+            return
+        self.loop.call_soon(self.deliver, entry)
+
+
+def _end_expired(task: asyncio.Task[Any], entry: _Entry) -> int:
+    """An expired call ended: stop re-cancelling, withdraw our cancel requests, return the rest."""
+    entry[_STATE] = _ENDED
+    left = _cancelling(task)
+    for _ in range(entry[_CANCELS]):
+        left = _uncancel(task)
+    return left
 
 
 def _trio_scope(seconds: float) -> trio.CancelScope:
@@ -249,9 +298,11 @@ class Timeout(_hooks.Instrumented):
     Engines: ``"anyio"`` runs each call in ``anyio.move_on_after(seconds)`` (anyio's level
     cancellation, on any backend). ``"auto"``, the default, does the same on trio (a native
     ``trio.CancelScope``, which is what anyio uses there) and on asyncio shares one loop timer
-    per policy among its calls, cancelling an expired call's task the way ``asyncio.timeout``
-    does: under a microsecond per call instead of about 9 µs for ``anyio.fail_after`` (see
-    ``benchmarks/RESULTS.md``). The outcomes are the same; the tests run on both engines.
+    per policy among its calls, and cancels an expired call's task as anyio cancels a scope:
+    again at each await until the call ends, but not inside a shielded anyio scope the call
+    entered itself. That costs under a microsecond per call instead of about 9 µs for
+    ``anyio.fail_after`` (see ``benchmarks/RESULTS.md``). The outcomes are the same; the tests
+    run every case on both engines.
 
     Deadlines follow the event loop's clock, or ``clock`` when one is given: with a
     :class:`~veritas_resilience.testing.FakeClock` a call expires when the test advances the
@@ -281,7 +332,8 @@ class Timeout(_hooks.Instrumented):
         hooks: Sequence[Hook] | None = None,
     ) -> None:
         self._seconds = _seconds(seconds, "seconds")
-        self._name = _name(name, "timeout", _timeout_names)
+        self._name = _validate.name(name, "timeout")
+        self._auto_named = name is None
         if engine not in ("auto", "anyio"):
             raise ValueError(f"engine must be 'auto' or 'anyio', got {engine!r}")
         self._clock: SchedulingClock | None = None
@@ -403,7 +455,14 @@ class Timeout(_hooks.Instrumented):
         task = _current_task(loop)
         if task is None:
             raise RuntimeError("a Timeout must be awaited inside an asyncio task")
-        entry = [deadlines.now() + self._seconds, task, _cancelling(task), _ACTIVE]
+        entry = [
+            deadlines.now() + self._seconds,
+            task,
+            _cancelling(task),
+            _ACTIVE,
+            _anyio_scope(task),
+            0,
+        ]
         deadlines.entries.append(entry)
         deadlines.active += 1
         if deadlines.handle is None:
@@ -415,7 +474,7 @@ class Timeout(_hooks.Instrumented):
                 self._expired_with(task, entry, exc)
             raise
         if entry[_STATE]:
-            _uncancel(task)  # the call swallowed our cancellation and returned anyway
+            _end_expired(task, entry)  # the call swallowed our cancellation and returned anyway
         else:
             entry[_STATE] = _DONE
             deadlines.active -= 1
@@ -428,12 +487,13 @@ class Timeout(_hooks.Instrumented):
         As in ``asyncio.timeout``: only when no other cancellation was requested meanwhile (the
         task's cancel count is back to what it was on entry) is the CancelledError ours.
         """
-        if _uncancel(task) <= entry[_CANCELLING] and isinstance(exc, _CancelledError):
+        ours = _end_expired(task, entry) <= entry[_CANCELLING] and entry[_CANCELS] > 0
+        if ours and isinstance(exc, _CancelledError):
             raise self._timeout_error() from None
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs under the timeout."""
-        _require_async(fn, "Timeout")
+        _validate.require_async(fn, "Timeout")
         policy = self
         seconds = self._seconds
         call = self.call
@@ -459,7 +519,15 @@ class Timeout(_hooks.Instrumented):
             task = _current_task(loop) if thread == _get_ident() else None
             if task is None:
                 return await call(fn, *args, **kwargs)
-            entry = [deadlines.now() + seconds, task, _cancelling(task), _ACTIVE]
+            known = _last_anyio_state  # _anyio_scope(task), inlined for the usual case
+            entry = [
+                deadlines.now() + seconds,
+                task,
+                _cancelling(task),
+                _ACTIVE,
+                known[1].cancel_scope if known[0] is task else _anyio_scope(task),
+                0,
+            ]
             deadlines.entries.append(entry)
             deadlines.active += 1
             if deadlines.handle is None:
@@ -471,7 +539,7 @@ class Timeout(_hooks.Instrumented):
                     expired_with(task, entry, exc)
                 raise
             if entry[_STATE]:
-                _uncancel(task)
+                _end_expired(task, entry)
             else:
                 entry[_STATE] = _DONE
                 deadlines.active -= 1
@@ -491,8 +559,6 @@ class Timeout(_hooks.Instrumented):
 
 # -- bulkhead -----------------------------------------------------------------------------------
 
-_bulkhead_names = itertools.count(1)
-
 
 class Bulkhead(_hooks.Instrumented):
     """Let at most ``max_concurrent`` calls run at once; queue a few more, reject the rest fast.
@@ -511,7 +577,9 @@ class Bulkhead(_hooks.Instrumented):
     when the call ends in any way, cancellation included, and a queued call that is cancelled
     leaves the queue (or passes on the slot it was just handed).
 
-    A bulkhead belongs to one event loop (asyncio or trio); its counters are not locked.
+    A bulkhead serves one event loop at a time (asyncio or trio); its counters are not locked.
+    Used by several loops in turn, it notices when the loop its queue or its full slots belong to
+    has closed with calls pending, and drops that dead state instead of waiting on it.
 
     Args:
         max_concurrent: Calls (>= 1) allowed to run at once.
@@ -543,10 +611,15 @@ class Bulkhead(_hooks.Instrumented):
         self._queue_timeout = (
             None if queue_timeout is None else _seconds(queue_timeout, "queue_timeout")
         )
-        self._name = _name(name, "bulkhead", _bulkhead_names)
+        self._name = _validate.name(name, "bulkhead")
+        self._auto_named = name is None
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         self._n_rejected = 0
+        # The asyncio loop that last filled the bulkhead or queued on it (None: none, or trio).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loops = LoopTracker()
+        self._epoch = 0  # bumped when a closed loop's slots are dropped; their release is void
         self._init_hooks(hooks)
 
     @property
@@ -593,10 +666,27 @@ class Bulkhead(_hooks.Instrumented):
             )
         return BulkheadFullError(self._name, self._max)
 
+    def _note_full(self) -> None:
+        """The bulkhead just filled up: remember in which loop (cheap; only when it fills)."""
+        self._loop = self._loops.current()
+
     async def _wait_for_slot(self) -> None:
         """Queue for a slot; return owning one, or raise BulkheadFullError."""
+        loop = self._loops.current()
+        if loop is not self._loop:
+            if is_closed(self._loop):
+                # The loop that filled the bulkhead or queued on it closed with those calls
+                # pending: they will never give their slots back nor take them.
+                self._in_use = 0
+                self._waiters.clear()
+                self._epoch += 1
+            self._loop = loop
+        if self._in_use < self._max and not self._waiters:
+            self._in_use += 1
+            return
         if len(self._waiters) >= self._max_queue:
             raise self._reject()
+        epoch = self._epoch
         waiter = anyio.Event()
         self._waiters.append(waiter)
         try:
@@ -609,21 +699,32 @@ class Bulkhead(_hooks.Instrumented):
             # Cancelled while queued. If a releaser handed us its slot in the meantime, pass it
             # on; otherwise just leave the queue.
             if waiter.is_set():
-                self._release()
+                self._release(epoch)
             else:
-                self._waiters.remove(waiter)
+                self._leave(waiter)
             raise
         if not waiter.is_set():
-            self._waiters.remove(waiter)
+            self._leave(waiter)
             raise self._reject()
         # The releaser kept _in_use as it was: its slot is now ours.
 
-    def _release(self) -> None:
+    def _leave(self, waiter: anyio.Event) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:  # dropped with the state of a closed loop
+            pass
+
+    def _release(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            return  # a slot of a closed loop's call, already dropped
         waiters = self._waiters
-        if waiters:
-            waiters.popleft().set()
-        else:
-            self._in_use -= 1
+        while waiters:
+            try:
+                waiters.popleft().set()
+            except RuntimeError:  # a waiter of a loop that has closed: hand the slot on
+                continue
+            return
+        self._in_use -= 1
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` in a slot of the bulkhead.
@@ -634,29 +735,35 @@ class Bulkhead(_hooks.Instrumented):
         """
         if self._in_use < self._max and not self._waiters:
             self._in_use += 1
+            if self._in_use == self._max:
+                self._note_full()
         else:
             await self._wait_for_slot()
+        epoch = self._epoch
         try:
             return await fn(*args, **kwargs)
         finally:
-            self._release()
+            self._release(epoch)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call runs in a slot of the bulkhead."""
-        _require_async(fn, "Bulkhead")
+        _validate.require_async(fn, "Bulkhead")
         bulkhead = self
-        wait_for_slot, release = self._wait_for_slot, self._release
+        wait_for_slot, release, note_full = self._wait_for_slot, self._release, self._note_full
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             if bulkhead._in_use < bulkhead._max and not bulkhead._waiters:
                 bulkhead._in_use += 1
+                if bulkhead._in_use == bulkhead._max:
+                    note_full()
             else:
                 await wait_for_slot()
+            epoch = bulkhead._epoch
             try:
                 return await fn(*args, **kwargs)
             finally:
-                release()
+                release(epoch)
 
         wrapper.bulkhead = self  # type: ignore[attr-defined]
         return wrapper
@@ -664,25 +771,3 @@ class Bulkhead(_hooks.Instrumented):
     def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
         yield "veritas_bulkhead_rejected", (self._name,), float(self._n_rejected)
         yield "veritas_bulkhead_in_use", (self._name,), float(self._in_use)
-
-
-# -- helpers shared by the policy modules --------------------------------------------------------
-
-
-def _name(name: str | None, kind: str, counter: Iterator[int]) -> str:
-    if name is None:
-        return f"{kind}-{next(counter)}"
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    return name
-
-
-def _require_async(fn: Callable[..., Any], policy: str) -> None:
-    if not (
-        inspect.iscoroutinefunction(fn)
-        or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
-    ):
-        raise TypeError(
-            f"{policy} decorates async functions (async def); got {fn!r}. "
-            "Wrap sync code with anyio.to_thread.run_sync in an async function first."
-        )

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import math
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio.lowlevel
 from tenacity import AsyncRetrying, DoAttempt, DoSleep, RetryCallState
@@ -41,22 +40,21 @@ from tenacity import retry_if_exception as _retry_if_exception
 from tenacity.stop import stop_after_attempt, stop_base, stop_before_delay
 from tenacity.wait import wait_base, wait_exponential_jitter, wait_none
 
-from . import _hooks
+from . import _hooks, _validate
 from ._clock import MONOTONIC, Clock
 from ._validate import ExceptionMatcher, Seconds
 from ._validate import matcher as _matcher
+from ._validate import number as _number
 from ._validate import positive_int as _positive_int
 from ._validate import seconds as _seconds
 from .errors import CircuitOpenError, RetryBudgetExhaustedError
-from .events import Event, Hook
+from .events import Hook, RetryBudgetDenied, RetryExhausted, RetryScheduled
 from .instrumentation.prometheus import HistogramValue, define_metric
-from .instrumentation.structlog import LOGGED_EVENTS, error_fields
-from .limits import _name, _require_async
 
 __all__ = [
     "Retry",
     "RetryBudget",
-    "RetryBudgetExhausted",
+    "RetryBudgetDenied",
     "RetryExhausted",
     "RetryScheduled",
     "is_testing",
@@ -84,83 +82,6 @@ define_metric(
 
 
 # -- events -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryScheduled(Event):
-    """An attempt failed with a retryable error; the next one starts after ``wait`` seconds.
-
-    Attributes:
-        attempt: The number of the attempt that failed (1 for the first).
-        wait: Seconds until the next attempt.
-        error: The attempt's exception.
-    """
-
-    kind: ClassVar[str] = "retry"
-    attempt: int
-    wait: float
-    error: BaseException
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryExhausted(Event):
-    """The last attempt failed and no attempt or time is left; its error is raised.
-
-    Attributes:
-        attempts: How many attempts were made.
-        elapsed: Seconds from the first failure to the last.
-        error: The last attempt's exception.
-    """
-
-    kind: ClassVar[str] = "retry"
-    attempts: int
-    elapsed: float
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning: the call failed after every retry."""
-        return (
-            "warning",
-            "retries_exhausted",
-            {
-                "retry": self.name,
-                "attempts": self.attempts,
-                "elapsed": round(self.elapsed, 6),
-                **error_fields(self.error),
-            },
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryBudgetExhausted(Event):
-    """A retry was wanted but the shared budget had no token left.
-
-    Attributes:
-        budget: The budget's name (``name`` is the retry policy's).
-        attempts: Attempts made before the budget stopped the call.
-        error: The last attempt's exception (the cause of the raised error).
-    """
-
-    kind: ClassVar[str] = "retry"
-    budget: str
-    attempts: int
-    error: BaseException
-
-    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
-        """A warning: retries are being shed."""
-        return (
-            "warning",
-            "retry_budget_exhausted",
-            {
-                "retry": self.name,
-                "budget": self.budget,
-                "attempts": self.attempts,
-                **error_fields(self.error),
-            },
-        )
-
-
-LOGGED_EVENTS.update({RetryExhausted, RetryBudgetExhausted})
 
 
 # -- testing switch -----------------------------------------------------------------------------
@@ -233,8 +154,6 @@ def is_testing() -> bool:
 
 # -- budget -------------------------------------------------------------------------------------
 
-_budget_names = itertools.count(1)
-
 
 class RetryBudget(_hooks.Instrumented):
     """A token bucket of retries shared by every caller of one dependency.
@@ -251,8 +170,8 @@ class RetryBudget(_hooks.Instrumented):
 
     Args:
         name: Used in errors, events and metric labels; ``retry-budget-N`` by default.
-        capacity: The most tokens (> 0) the bucket holds, which is also how it starts: the
-            largest burst of retries allowed.
+        capacity: The most tokens (>= 1; each retry takes one) the bucket holds, which is also
+            how it starts: the largest burst of retries allowed.
         refill_rate: Tokens (>= 0) added per second of the clock; 0 makes a fixed allowance.
         clock: Time source; :class:`~veritas_resilience.testing.FakeClock` in tests.
         hooks: Hooks for this budget only (it exports its metrics through them).
@@ -270,10 +189,15 @@ class RetryBudget(_hooks.Instrumented):
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
-        self._name = _name(name, "retry-budget", _budget_names)
+        self._name = _validate.name(name, "retry-budget")
         self._capacity = _number(capacity, "capacity", allow_zero=False)
+        if self._capacity < 1:
+            # A retry takes a whole token: a smaller bucket could never grant one.
+            raise ValueError(
+                f"capacity must be a number >= 1 (each retry takes one token), got {capacity!r}"
+            )
         self._rate = _number(refill_rate, "refill_rate", allow_zero=True)
-        self._now = clock.monotonic
+        self._now = _validate.clock(clock).monotonic
         self._tokens = self._capacity
         self._updated = self._now()
         self._n_exhausted = 0
@@ -332,7 +256,6 @@ class RetryBudget(_hooks.Instrumented):
 
 # -- retry policy -------------------------------------------------------------------------------
 
-_retry_names = itertools.count(1)
 _has_multiplier = "multiplier" in inspect.signature(wait_exponential_jitter).parameters
 
 
@@ -402,7 +325,8 @@ class Retry(_hooks.Instrumented):
         matcher = _matcher(on, "on")
         assert matcher is not None
         self._on = matcher
-        self._name = _name(name, "retry", _retry_names)
+        self._name = _validate.name(name, "retry")
+        self._auto_named = name is None
         self._attempts = _positive_int(attempts, "attempts")
         self._timeout = None if timeout is None else _seconds(timeout, "timeout")
         initial = _seconds(wait_initial, "wait_initial", allow_zero=True)
@@ -428,7 +352,7 @@ class Retry(_hooks.Instrumented):
                 stop = stop | stop_before_delay(self._timeout)
         self._stop = stop
         self._budget = budget
-        self._clock = clock
+        self._clock = _validate.clock(clock, sleeps=True)
         self._now = clock.monotonic
         self._retry_if = _retry_if_exception(self._should_retry)
         self._n = dict.fromkeys(_OUTCOMES[1:], 0)  # "success" is _n_success, on the hot path
@@ -466,7 +390,7 @@ class Retry(_hooks.Instrumented):
         hooks = self._hookset
         self._w_scheduled = hooks.wants(RetryScheduled)
         self._w_exhausted = hooks.wants(RetryExhausted)
-        self._w_budget = hooks.wants(RetryBudgetExhausted)
+        self._w_budget = hooks.wants(RetryBudgetDenied)
 
     def _should_retry(self, exc: BaseException) -> bool:
         # An open breaker is always a candidate; whether to wait for it is decided against the
@@ -532,7 +456,7 @@ class Retry(_hooks.Instrumented):
                     counts["budget_exhausted"] += 1
                     if self._w_budget:
                         self._emit(
-                            RetryBudgetExhausted(
+                            RetryBudgetDenied(
                                 name=self._name,
                                 budget=budget.name,
                                 attempts=state.attempt_number,
@@ -591,7 +515,7 @@ class Retry(_hooks.Instrumented):
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an ``async def`` function so every call is retried as configured."""
-        _require_async(fn, "Retry")
+        _validate.require_async(fn, "Retry")
         policy = self
         after_failure = self._after_failure
 
@@ -613,13 +537,3 @@ class Retry(_hooks.Instrumented):
         name = self._name
         for outcome, count in self.counts().items():
             yield "veritas_retry_attempts", (name, outcome), float(count)
-
-
-def _number(value: float, field: str, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        allowed = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field} must be a finite number {allowed}, got {value!r}")
-    return value

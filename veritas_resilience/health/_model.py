@@ -115,8 +115,9 @@ class CheckResult:
         observed_unit: Its unit.
         measurement: What was measured, for a check with one reading.
         component_type: The kind of component, for a check with one reading.
-        observations: The readings of a check of several nodes; when given, they replace the
-            single reading described by the fields above.
+        observations: The readings of a check of several nodes or measurements; when given,
+            they replace the single reading described by the fields above, and the wire format
+            shows the check's own status and output under its bare name beside them.
         time: Wall-clock time (seconds since the epoch) the reading was taken; the registry
             sets it, and it stays while the result is served from the cache.
         duration: Seconds the check took; set by the registry.

@@ -555,9 +555,10 @@ class HealthRegistry(_hooks.Instrumented):
         started = self._clock.monotonic()
         with anyio.move_on_after(drain_s):
             while self._in_flight > 0:
-                self._idle = anyio.Event()
+                # Shared by concurrent shutdown() calls: each waits for the same wake-up.
+                if self._idle is None or self._idle.is_set():
+                    self._idle = anyio.Event()
                 await self._idle.wait()
-        self._idle = None
         drained = self._in_flight == 0
         self._emit(
             HealthShutdownDrained(

@@ -6,11 +6,12 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from ._model import HealthReport
+from ._model import HealthReport, Observation
 
 __all__ = ["CONTENT_TYPE", "encode", "to_dict"]
 
 CONTENT_TYPE = "application/health+json"
+"""The media type of every health response (IETF draft-inadarei-api-health-check)."""
 
 
 def _iso(timestamp: float) -> str:
@@ -40,26 +41,38 @@ def to_dict(report: HealthReport, *, details: bool) -> dict[str, Any]:
     checks: dict[str, list[dict[str, Any]]] = {}
     for name, result in report.checks.items():
         stamp = None if result.time is None or not details else _iso(result.time)
+        if result.observations:
+            # The check's own verdict, beside its readings: its status can differ from the
+            # worst reading's (a degraded cluster), and its output says why.
+            verdict = Observation(
+                status=result.status, component_type=result.component_type, output=result.output
+            )
+            checks[name] = [_item(verdict, stamp, details)]
         for reading in result.readings():
             key = name if reading.measurement is None else f"{name}:{reading.measurement}"
-            item: dict[str, Any] = {"status": reading.status.value}
-            if details:
-                if reading.component_id is not None:
-                    item["componentId"] = reading.component_id
-                if reading.component_type is not None:
-                    item["componentType"] = reading.component_type
-                if reading.observed_value is not None:
-                    item["observedValue"] = reading.observed_value
-                    if reading.observed_unit is not None:
-                        item["observedUnit"] = reading.observed_unit
-                if stamp is not None:
-                    item["time"] = stamp
-                if reading.output is not None and reading.status.value != "pass":
-                    item["output"] = reading.output
-            checks.setdefault(key, []).append(item)
+            checks.setdefault(key, []).append(_item(reading, stamp, details))
     if checks:
         body["checks"] = checks
     return body
+
+
+def _item(reading: Observation, stamp: str | None, details: bool) -> dict[str, Any]:
+    item: dict[str, Any] = {"status": reading.status.value}
+    if not details:
+        return item
+    if reading.component_id is not None:
+        item["componentId"] = reading.component_id
+    if reading.component_type is not None:
+        item["componentType"] = reading.component_type
+    if reading.observed_value is not None:
+        item["observedValue"] = reading.observed_value
+        if reading.observed_unit is not None:
+            item["observedUnit"] = reading.observed_unit
+    if stamp is not None:
+        item["time"] = stamp
+    if reading.output is not None and reading.status.value != "pass":
+        item["output"] = reading.output
+    return item
 
 
 def encode(report: HealthReport, *, details: bool) -> bytes:

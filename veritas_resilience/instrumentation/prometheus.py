@@ -8,6 +8,12 @@ those numbers into metric families when Prometheus scrapes. The hot path pays no
 Each component type declares its metric families once with :func:`define_metric`, and exposes its
 samples through a ``_metric_samples()`` method yielding ``(family, label_values, value)``; value
 is a number, or a :class:`HistogramValue` for histograms.
+
+Two live components of one kind and one name (two breakers both called ``"orders-db"``) export
+one series per label set, their sum: counters and histogram buckets add up, and so do gauges
+(the breaker state gauge then counts the breakers of that name in each state). No count is
+dropped, and a warning (``metrics_name_shared``) is logged when the second one is attached, since
+two components sharing a name are usually a mistake: name each after what it guards.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import structlog
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -37,6 +44,8 @@ __all__ = [
     "define_metric",
     "describe_metrics",
 ]
+
+_log = structlog.get_logger("veritas_resilience.metrics")
 
 MetricType = Literal["counter", "gauge", "histogram"]
 
@@ -82,7 +91,20 @@ class _Collector(Collector):
 
     def add(self, component: _Instrumented) -> None:
         with self._lock:
+            others = [
+                c for c in self._components if c is not component and c.name == component.name
+            ]
             self._components.add(component)
+        if others:
+            families = _families_of(component)
+            if any(families & _families_of(other) for other in others):
+                _log.warning(
+                    "metrics_name_shared",
+                    name=component.name,
+                    kind=type(component).__name__,
+                    components=len(others) + 1,
+                    detail="their metrics are exported added up, as one series per label set",
+                )
 
     def discard(self, component: _Instrumented) -> None:
         with self._lock:
@@ -94,25 +116,41 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             components = sorted(self._components, key=lambda c: (type(c).__name__, c.name))
-        families: dict[str, Metric] = {}
-        seen: set[tuple[str, tuple[str, ...]]] = set()
+        # Samples of components that share a name are added up, never dropped (Prometheus
+        # would reject a scrape holding one series twice).
+        samples: dict[tuple[str, tuple[str, ...]], float | HistogramValue] = {}
         for component in components:
             for family_name, label_values, value in component._metric_samples():
                 key = (family_name, label_values)
-                if key in seen:
-                    # Two live components with one name: export the first, never a duplicate
-                    # series (Prometheus would reject the whole scrape).
-                    continue
-                seen.add(key)
-                metric = families.get(family_name)
-                if metric is None:
-                    metric = families[family_name] = _new_family(_FAMILIES[family_name])
-                if isinstance(value, HistogramValue):
-                    assert isinstance(metric, HistogramMetricFamily)
-                    metric.add_metric(list(label_values), list(value.buckets), value.sum)
-                else:
-                    metric.add_metric(list(label_values), value)  # type: ignore[attr-defined]
+                seen = samples.get(key)
+                samples[key] = value if seen is None else _add(seen, value)
+        families: dict[str, Metric] = {}
+        for (family_name, label_values), value in samples.items():
+            metric = families.get(family_name)
+            if metric is None:
+                metric = families[family_name] = _new_family(_FAMILIES[family_name])
+            if isinstance(value, HistogramValue):
+                assert isinstance(metric, HistogramMetricFamily)
+                metric.add_metric(list(label_values), list(value.buckets), value.sum)
+            else:
+                metric.add_metric(list(label_values), value)  # type: ignore[attr-defined]
         yield from families.values()
+
+
+def _families_of(component: _Instrumented) -> set[str]:
+    return {family for family, _, _ in component._metric_samples()}
+
+
+def _add(a: float | HistogramValue, b: float | HistogramValue) -> float | HistogramValue:
+    """The sum of two samples of one series (two components of one name)."""
+    if isinstance(a, HistogramValue) and isinstance(b, HistogramValue):
+        # Cumulative counts add up exactly at the bounds both have (+Inf always among them).
+        theirs = dict(b.buckets)
+        buckets = [(bound, count + theirs[bound]) for bound, count in a.buckets if bound in theirs]
+        return HistogramValue(buckets, a.sum + b.sum)
+    if isinstance(a, HistogramValue) or isinstance(b, HistogramValue):
+        raise TypeError("a histogram and a plain sample share one series")
+    return a + b
 
 
 def _new_family(family: _Family) -> Metric:
@@ -227,6 +265,11 @@ METRIC_MODULES: tuple[str, ...] = (
     "veritas_resilience.postgres._client",
     "veritas_resilience.redis._events",
     "veritas_resilience.health._registry",
+    "veritas_resilience.recovery._events",
+    "veritas_resilience.chaos._inject",
+    "veritas_resilience._rate",
+    "veritas_resilience._hedge",
+    "veritas_resilience._adaptive",
 )
 """Every module of the library that declares metric families (importing them declares them all)."""
 

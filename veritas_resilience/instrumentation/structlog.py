@@ -6,25 +6,38 @@ from typing import Any
 
 import structlog
 
-from .._redact import redact
 from ..events import (
     BreakerCallFailed,
     BreakerStateChanged,
     CircuitState,
     Event,
+    FallbackExhausted,
+    FallbackServed,
+    RetryBudgetDenied,
+    RetryExhausted,
+    StaleStoreFailed,
+    StaleValueServed,
+    StaleWritesDropped,
+    _error_fields,
 )
 
 __all__ = ["StructlogHook", "LOGGED_EVENTS"]
 
-LOGGED_EVENTS: set[type[Event]] = {BreakerStateChanged, BreakerCallFailed}
-"""Event types the structlog hook logs; other modules add theirs when they are imported."""
+error_fields = _error_fields
+"""Describe an exception for a log line (``error_type``, redacted ``error``); for event modules."""
 
-
-def error_fields(error: BaseException | None) -> dict[str, str]:
-    """Describe an exception for a log line: its type and its message with secrets redacted."""
-    if error is None:
-        return {}
-    return {"error_type": type(error).__name__, "error": redact(str(error))}
+LOGGED_EVENTS: set[type[Event]] = {
+    BreakerStateChanged,
+    BreakerCallFailed,
+    FallbackServed,
+    FallbackExhausted,
+    StaleValueServed,
+    StaleStoreFailed,
+    StaleWritesDropped,
+    RetryExhausted,
+    RetryBudgetDenied,
+}
+"""Event types the structlog hook logs; the integrations add theirs when they are imported."""
 
 
 class StructlogHook:

@@ -34,16 +34,21 @@ from ._errors import SplitBrainError as SplitBrainError
 from ._errors import SystemIdentifierMismatchError as SystemIdentifierMismatchError
 from ._events import PostgresCallFailed as PostgresCallFailed
 from ._events import PostgresFailoverDetected as PostgresFailoverDetected
+from ._events import PostgresFencingRecordFailed as PostgresFencingRecordFailed
 from ._events import PostgresNodeChanged as PostgresNodeChanged
 from ._events import PostgresNodeFenced as PostgresNodeFenced
 from ._events import PostgresPromotionAttempted as PostgresPromotionAttempted
 from ._events import PostgresWritesBlocked as PostgresWritesBlocked
+from ._fencing import FencingRecord as FencingRecord
+from ._fencing import FileFencingRecord as FileFencingRecord
 
 __all__ = [
     "AcquireTimeoutError",
     "CommitOutcomeUnknownError",
     "ConnectionLostError",
     "FailoverClient",
+    "FencingRecord",
+    "FileFencingRecord",
     "NoPrimaryError",
     "Node",
     "NodeFencedError",
@@ -52,6 +57,7 @@ __all__ = [
     "PostgresCallFailed",
     "PostgresError",
     "PostgresFailoverDetected",
+    "PostgresFencingRecordFailed",
     "PostgresHealth",
     "PostgresNodeChanged",
     "PostgresNodeFenced",

@@ -26,38 +26,39 @@ import asyncpg
 from .._clock import MONOTONIC, Clock
 from .._hooks import Instrumented
 from .._validate import Seconds
-from .._validate import positive_int as _positive_int
-from .._validate import seconds as _seconds
 from ..circuit_breaker import DEFAULT_BUCKETS, CircuitBreaker
 from ..errors import CircuitOpenError
-from ..events import Hook
+from ..events import CircuitState, Hook
 from ..instrumentation.prometheus import HistogramValue, cumulative_buckets, define_metric
 from ._config import Node, NodeSpec, Route, coerce_nodes
 from ._errors import (
     NODE_FAILURES,
     AcquireTimeoutError,
     CommitOutcomeUnknownError,
-    ConnectionLostError,
     Kind,
     NodeFencedError,
     NoPrimaryError,
-    NotPrimaryError,
-    PostgresError,
+    NotSent,
     QueryTimeoutError,
     SplitBrainError,
     SystemIdentifierMismatchError,
+    breaker_failure,
+    breaker_ignored,
     classify,
     sent_nothing,
 )
-from ._events import PostgresCallFailed, PostgresPromotionAttempted
+from ._events import PostgresCallFailed, PostgresFencingRecordFailed, PostgresPromotionAttempted
+from ._fencing import FencingRecord
 from ._node import (
     AcquireExpired,
-    ConnectSettings,
     NodeRuntime,
     RoleMismatch,
-    is_closed,
+    classify_on,
+    gone_error,
     terminate,
 )
+from ._session import Session, add_tried
+from ._settings import ClientSettings
 from ._topology import Role, Topology
 
 __all__ = ["FailoverClient", "NodeHealth", "PostgresHealth", "WriteToken"]
@@ -74,13 +75,7 @@ _ERROR_KINDS = (
 _RYW_OUTCOMES = ("replayed", "waited", "fallback")
 
 _STARTING, _RUNNING, _CLOSED = "starting", "running", "closed"
-_OWN_CONNECT_ARGS = frozenset(
-    {
-        "dsn", "host", "port", "user", "password", "database", "ssl", "timeout", "loop",
-        "command_timeout", "server_settings", "target_session_attrs", "connection_class",
-        "record_class",
-    }
-)  # fmt: skip
+_NOT_SETTINGS = frozenset({"self", "nodes", "clock", "hooks"})
 
 define_metric("veritas_postgres_node_up", "gauge", "Whether the node answers probes.",
               ("client", "node"))  # fmt: skip
@@ -153,6 +148,25 @@ define_metric(
 )
 define_metric("veritas_postgres_promotions", "counter",
               "Standbys promoted by the client itself (auto_promote).", ("client",))  # fmt: skip
+define_metric(
+    "veritas_postgres_writes_blocked",
+    "gauge",
+    "Whether writes are stopped altogether (one-hot by reason: split_brain, system_identifier,"
+    " fencing_record).",
+    ("client", "reason"),
+)
+define_metric(
+    "veritas_postgres_replication_lag_limit_bytes",
+    "gauge",
+    "The client's max_lag_bytes: a standby further behind serves no reads (absent: no limit).",
+    ("client",),
+)
+define_metric(
+    "veritas_postgres_replication_lag_limit_seconds",
+    "gauge",
+    "The client's max_lag_seconds: a standby further behind serves no reads (absent: no limit).",
+    ("client",),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +208,8 @@ class NodeHealth:
         pool_idle: Idle connections in its pool.
         pool_waiters: Calls waiting for one of its connections.
         last_error: The type of the last probe error, when the last probe failed.
+        alias_of: When this node is the same server as another one reached under another name
+            (a pooler and the server behind it), the name of the node that takes its writes.
     """
 
     name: str
@@ -210,6 +226,7 @@ class NodeHealth:
     pool_idle: int
     pool_waiters: int
     last_error: str | None
+    alias_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +240,8 @@ class PostgresHealth:
             ``"down"`` (no writable primary).
         active: The node that takes writes now (the guide's ``active``), or ``None``.
         writes_blocked: Why writes are stopped altogether (``"split_brain"``,
-            ``"system_identifier"``), or ``None``.
+            ``"system_identifier"``, or ``"fencing_record"`` until the fencing record is
+            read), or ``None``.
         nodes: Every node, in the configured order (for two nodes: the guide's ``primary`` and
             ``secondary``).
     """
@@ -254,37 +272,11 @@ class PostgresHealth:
                     "breaker": n.breaker,
                     "pool": {"size": n.pool_size, "idle": n.pool_idle, "waiters": n.pool_waiters},
                     "last_error": n.last_error,
+                    "alias_of": n.alias_of,
                 }
                 for n in self.nodes
             },
         }
-
-
-class _NotSent(Exception):
-    """An attempt failed before its statement reached the server (internal)."""
-
-    def __init__(self, kind: str, error: BaseException | None = None) -> None:
-        super().__init__(kind)
-        self.kind = kind
-        self.error = error
-
-    def __str__(self) -> str:
-        # What a breaker's failure log shows: the reason and the driver's error behind it.
-        if self.error is None:
-            return f"not sent ({self.kind})"
-        return f"not sent ({self.kind}): {type(self.error).__name__}: {self.error}"
-
-
-def _breaker_failure(exc: BaseException) -> bool:
-    if isinstance(exc, _NotSent):
-        return exc.kind == "connect"
-    return classify(exc) in NODE_FAILURES
-
-
-def _breaker_ignored(exc: BaseException) -> bool:
-    if isinstance(exc, _NotSent):
-        return exc.kind != "connect"
-    return classify(exc) is Kind.READ_ONLY
 
 
 _EXECUTE, _EXECUTEMANY, _FETCH, _FETCHROW, _FETCHVAL, _TOKEN = range(6)
@@ -373,6 +365,15 @@ class FailoverClient(Instrumented):
         system_identifier: The cluster's ``system_identifier`` if known in advance: nodes that
             report another one are fenced. Without it, the first node's is learned and any
             mismatch stops writes altogether.
+        min_timeline: Never write to a primary on a timeline below this one (>= 1), even when it
+            is the only node reachable: it is fenced as stale. The client remembers the highest
+            timeline it has seen, but only while it runs; set this (from your HA manager's
+            record of the current timeline) so a client started while only an old, fenced
+            primary answers does not write to it. ``None``: no floor.
+        fencing_record: A :class:`FencingRecord` the clients share (e.g. a
+            :class:`FileFencingRecord`): the client saves the highest timeline it sees there,
+            and reads it back before its first write, so a restart cannot forget fencing.
+            Until it has read the record it takes no writes.
         breaker_options: Options for each node's :class:`~veritas_resilience.CircuitBreaker`
             (default ``failure_threshold=5, reset_timeout=2.0``). Connection failures and
             timeouts count as failures; SQL errors do not.
@@ -422,110 +423,56 @@ class FailoverClient(Instrumented):
         auto_promote: bool = False,
         promote_after: Seconds = 5.0,
         system_identifier: int | None = None,
+        min_timeline: int | None = None,
+        fencing_record: FencingRecord | None = None,
         breaker_options: Mapping[str, Any] | None = None,
         tcp_keepalive: bool = True,
         tcp_user_timeout: Seconds | None = 10.0,
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        # Every keyword but nodes, clock and hooks is a setting, validated on its own (a test
+        # checks that the two lists match).
+        options = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS}
+        self._settings = st = ClientSettings(**options)
         specs = coerce_nodes(nodes)
-        if read_route not in ("primary", "prefer_standby"):
-            raise ValueError(
-                f"read_route must be 'primary' or 'prefer_standby', got {read_route!r}"
-            )
-        if max_lag_bytes is not None and (
-            isinstance(max_lag_bytes, bool) or not isinstance(max_lag_bytes, int)
-            or max_lag_bytes < 0
-        ):  # fmt: skip
-            raise ValueError(f"max_lag_bytes must be an int >= 0 or None, got {max_lag_bytes!r}")
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
-        clash = sorted(set(connect_kwargs or {}) & _OWN_CONNECT_ARGS)
-        if clash:
-            raise ValueError(
-                f"connect_kwargs must not set {', '.join(clash)}: the client sets them (use the "
-                "client's own arguments: connect_timeout, command_timeout, ssl, ...)"
-            )
         self._name = name
         self._specs = specs
-        self._read_route: Route = read_route
-        self._connect_timeout = _seconds(connect_timeout, "connect_timeout")
-        self._command_timeout = _seconds(command_timeout, "command_timeout")
-        self._acquire_timeout = _seconds(acquire_timeout, "acquire_timeout")
-        self._release_timeout = _seconds(release_timeout, "release_timeout")
-        self._failover_timeout = _seconds(failover_timeout, "failover_timeout")
-        self._monitor_interval = _seconds(monitor_interval, "monitor_interval")
-        self._fast_interval = _seconds(fast_interval, "fast_interval")
-        self._probe_timeout = _seconds(probe_timeout, "probe_timeout")
-        self._ryw_timeout = _seconds(ryw_timeout, "ryw_timeout")
-        self._promote_after = _seconds(promote_after, "promote_after")
-        lag_seconds = None if max_lag_seconds is None else _seconds(
-            max_lag_seconds, "max_lag_seconds", allow_zero=True
-        )  # fmt: skip
-        self._min_size = min_size
-        self._max_size = _positive_int(max_size, "max_size")
-        self._max_queries = _positive_int(max_queries, "max_queries")
-        self._max_inactive = _seconds(
-            max_inactive_connection_lifetime, "max_inactive_connection_lifetime", allow_zero=True
-        )
-        if min_size > self._max_size:
-            raise ValueError(f"min_size must be <= max_size ({self._max_size}), got {min_size!r}")
-        self._ryw = bool(read_your_writes)
-        self._auto_promote = bool(auto_promote)
-        self._init = init
-        self._setup = setup
-        self._record_class = record_class
         self._clock = clock
         self._now = clock.monotonic
-        settings = {"application_name": name}
-        settings.update(server_settings or {})
-        self._connect = ConnectSettings(
-            user=user,
-            password=password,
-            database=database,
-            ssl=ssl,
-            server_settings=settings,
-            connect_kwargs=dict(connect_kwargs or {}),
-            connect_timeout=self._connect_timeout,
-            command_timeout=self._command_timeout,
-            tcp_keepalive=bool(tcp_keepalive),
-            tcp_user_timeout=None if tcp_user_timeout is None else _seconds(
-                tcp_user_timeout, "tcp_user_timeout"
-            ),
-        )  # fmt: skip
+        self._connect = st.connect_settings()
+        self._fencing = st.fencing_record
+        self._fence_saved = 0
+        self._fence_task: asyncio.Task[None] | None = None
+        self._fence_retry_at = -math.inf
         self._topology = Topology(
-            [s.name for s in specs],
+            [spec.name for spec in specs],
             client=name,
-            fall=_positive_int(fall, "fall"),
-            rise=_positive_int(rise, "rise"),
-            max_lag_bytes=max_lag_bytes,
-            max_lag_seconds=lag_seconds,
-            system_identifier=system_identifier,
+            fall=st.fall,
+            rise=st.rise,
+            max_lag_bytes=st.max_lag_bytes,
+            max_lag_seconds=st.max_lag_seconds,
+            system_identifier=st.system_identifier,
+            min_timeline=st.min_timeline,
+            await_floor=st.fencing_record is not None,
             clock=clock,
         )
-        options: dict[str, Any] = {"failure_threshold": 5, "reset_timeout": 2.0}
-        options.update(breaker_options or {})
-        for reserved in ("name", "failure_on", "ignore_on", "clock", "hooks"):
-            if reserved in options:
-                raise ValueError(f"breaker_options must not set {reserved!r}: the client does")
         self._runtimes: tuple[NodeRuntime, ...] = tuple(
             NodeRuntime(
                 spec,
                 state,
                 CircuitBreaker(
                     name=f"{name}/{spec.name}",
-                    failure_on=_breaker_failure,
-                    ignore_on=_breaker_ignored,
+                    failure_on=breaker_failure,
+                    ignore_on=breaker_ignored,
                     clock=clock,
                     hooks=hooks,
-                    **options,
+                    **(st.breaker_options or {}),
                 ),
                 self._connect,
                 client=name,
-                max_size=self._max_size,
-                acquire_timeout=self._acquire_timeout,
+                max_size=st.max_size,
+                acquire_timeout=st.acquire_timeout,
                 on_role_mismatch=self._on_role_mismatch,
             )
             for spec, state in zip(specs, self._topology.nodes)
@@ -623,11 +570,11 @@ class FailoverClient(Instrumented):
             self._loop = asyncio.get_running_loop()
             for rt in self._runtimes:
                 await rt.start_pool(
-                    max_queries=self._max_queries,
-                    max_inactive_connection_lifetime=self._max_inactive,
-                    init=self._init,
-                    setup=self._setup,
-                    record_class=self._record_class,
+                    max_queries=self._settings.max_queries,
+                    max_inactive_connection_lifetime=self._settings.max_inactive_connection_lifetime,
+                    init=self._settings.init,
+                    setup=self._settings.setup,
+                    record_class=self._settings.record_class,
                 )
             self._changed = asyncio.Event()
             self._state = _RUNNING
@@ -635,7 +582,7 @@ class FailoverClient(Instrumented):
                 rt.task = asyncio.create_task(
                     self._monitor(rt), name=f"veritas-postgres-monitor:{self._name}:{rt.name}"
                 )
-            deadline = self._now() + self._connect_timeout + self._probe_timeout
+            deadline = self._now() + self._settings.connect_timeout + self._settings.probe_timeout
             topo = self._topology
             while topo.primary is None and not topo.probed and self._now() < deadline:
                 await self._wait_changed(deadline - self._now())
@@ -643,7 +590,7 @@ class FailoverClient(Instrumented):
 
     async def _warm_up(self) -> None:
         rt = self._primary_rt
-        if rt is None or rt.pool is None or self._min_size == 0:
+        if rt is None or rt.pool is None or self._settings.min_size == 0:
             return
 
         async def one() -> None:
@@ -657,7 +604,7 @@ class FailoverClient(Instrumented):
                 rt.in_use -= 1
 
         results = await asyncio.gather(
-            *(one() for _ in range(self._min_size)), return_exceptions=True
+            *(one() for _ in range(self._settings.min_size)), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
@@ -675,16 +622,22 @@ class FailoverClient(Instrumented):
         tasks = [rt.task for rt in self._runtimes if rt.task is not None]
         if self._promotion is not None:
             tasks.append(self._promotion)
+        fence = self._fence_task
+        if fence is not None:
+            if not self._topology.floor_pending:
+                # A timeline being saved is worth its bounded wait: another client may need it.
+                await asyncio.wait([fence], timeout=self._settings.probe_timeout)
+            tasks.append(fence)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._notify()
         if self._background:
-            await asyncio.wait(list(self._background), timeout=self._release_timeout + 1)
+            await asyncio.wait(list(self._background), timeout=self._settings.release_timeout + 1)
         for rt in self._runtimes:
             rt.task = None
             try:
-                await rt.close(self._release_timeout + 1)
+                await rt.close(self._settings.release_timeout + 1)
             except Exception:
                 pass  # the pool was terminated instead; keep closing the others
         for task in list(self._background):
@@ -786,7 +739,7 @@ class FailoverClient(Instrumented):
         return self._call(
             _FETCH, query, args, timeout, record_class, write,
             (not write) if idempotent is None else idempotent,
-            "primary" if write else (route or self._read_route), after,
+            "primary" if write else (route or self._settings.read_route), after,
         )  # fmt: skip
 
     def fetchrow(
@@ -807,7 +760,7 @@ class FailoverClient(Instrumented):
         return self._call(
             _FETCHROW, query, args, timeout, record_class, write,
             (not write) if idempotent is None else idempotent,
-            "primary" if write else (route or self._read_route), after,
+            "primary" if write else (route or self._settings.read_route), after,
         )  # fmt: skip
 
     def fetchval(
@@ -828,7 +781,7 @@ class FailoverClient(Instrumented):
         return self._call(
             _FETCHVAL, query, args, timeout, column, write,
             (not write) if idempotent is None else idempotent,
-            "primary" if write else (route or self._read_route), after,
+            "primary" if write else (route or self._settings.read_route), after,
         )  # fmt: skip
 
     async def write_token(self) -> WriteToken:
@@ -857,6 +810,10 @@ class FailoverClient(Instrumented):
         block runs once. On a clean exit the transaction is committed; an exception rolls it
         back and is re-raised, mapped when it concerns the topology.
 
+        ``conn`` is asyncpg's pooled connection, wrapped: its calls, and those of the prepared
+        statements, cursors and transactions it gives, raise the errors below as they happen
+        (the server's SQL errors pass unchanged). It goes back to the pool when the block ends.
+
         Raises:
             CommitOutcomeUnknownError: The connection died (or COMMIT timed out) after COMMIT
                 was sent: it may have committed. Never retried.
@@ -868,19 +825,26 @@ class FailoverClient(Instrumented):
             NoPrimaryError, SplitBrainError: When entering, as for :meth:`execute`.
         """
         options = {"isolation": isolation, "readonly": readonly, "deferrable": deferrable}
-        return _Session(self, "primary", options)
+        return Session(self, "primary", options)
 
     def acquire(self, *, route: Route = "primary") -> AbstractAsyncContextManager[Any]:
         """Hold one pooled connection: ``async with db.acquire() as conn: ...``.
 
         The connection comes from the primary (``route="primary"``) or a standby within the lag
-        limits (``"prefer_standby"``). Statements on it are not retried; asyncpg's errors reach
-        the block as they are. Prefer the client's own calls and :meth:`transaction`.
+        limits (``"prefer_standby"``). Statements on it are not retried. Errors that concern the
+        node or the link are mapped as in :meth:`transaction`; an autocommit statement on the
+        primary whose connection died after it was sent raises
+        :class:`CommitOutcomeUnknownError`. Prefer the client's own calls and
+        :meth:`transaction`.
 
         Raises:
             NoPrimaryError, SplitBrainError: When entering, as for :meth:`execute`.
+            PostgresError: From the block's statements (:class:`NodeFencedError`,
+                :class:`ConnectionLostError`, :class:`CommitOutcomeUnknownError`,
+                :class:`QueryTimeoutError`, :class:`NotPrimaryError`), as for
+                :meth:`transaction`.
         """
-        return _Session(self, route, None)
+        return Session(self, route, None)
 
     # -- routing and retries ---------------------------------------------------------------------
 
@@ -902,10 +866,15 @@ class FailoverClient(Instrumented):
         token: WriteToken | None = None
         standby_ok = route == "prefer_standby" and not write
         if standby_ok:
-            token = after if after is not None else (self._token.get() if self._ryw else None)
+            token = (
+                after
+                if after is not None
+                else (self._token.get() if self._settings.read_your_writes else None)
+            )
         deadline: float | None = None
         tried: set[NodeRuntime] | None = None
         last: BaseException | None = None
+        trial_waited = False
         while True:
             version = topo.version
             node: NodeRuntime | None = None
@@ -915,38 +884,31 @@ class FailoverClient(Instrumented):
             if node is None:
                 node = self._primary_rt
                 if node is None:
-                    if deadline is None:
-                        deadline = self._now() + self._failover_timeout
-                    node = await self._wait_primary(deadline, last)
+                    node, deadline = await self._wait_for_primary(deadline, last)
             try:
                 return await node.breaker.call(
                     self._attempt_fn, node, op, query, args, timeout, extra, write,
                     token if on_standby else None,
                 )  # fmt: skip
-            except _NotSent as exc:
+            except NotSent as exc:
                 last = exc.error or exc
                 if exc.kind == "closed":
                     raise NoPrimaryError(client=self._name, reason="closed") from None
                 if exc.kind != "ryw_fallback":  # not a failure: the standby was behind
                     self._failed(node, exc.kind, exc.error, retried=True)
                 if on_standby:
-                    tried = _add(tried, node)
+                    tried = add_tried(tried, node)
                     continue  # another standby, or the primary
                 if exc.kind == "acquire_timeout":
                     raise exc.error or exc from None
             except CircuitOpenError as exc:
                 if on_standby:
-                    tried = _add(tried, node)
+                    tried = add_tried(tried, node)
                     continue
                 if not node.state.suspect:
-                    # The node answers probes but its calls keep failing: fail fast.
-                    self._errors["no_primary"] += 1
-                    raise NoPrimaryError(
-                        client=self._name,
-                        reason="breaker_open",
-                        retry_after=exc.retry_after,
-                        node=node.name,
-                    ) from exc
+                    await self._breaker_wait(node, exc, deadline, trial_waited)
+                    trial_waited = True
+                    continue
                 last = exc  # the monitor has yet to confirm what happened: wait for it
             except Exception as exc:
                 kind = classify(exc)
@@ -967,7 +929,7 @@ class FailoverClient(Instrumented):
                     raise QueryTimeoutError(
                         client=self._name,
                         node=node.name,
-                        timeout=self._command_timeout if timeout is None else timeout,
+                        timeout=self._settings.command_timeout if timeout is None else timeout,
                     ) from exc
                 elif not idempotent:
                     self._failed(node, kind.value, exc, retried=False)
@@ -980,16 +942,10 @@ class FailoverClient(Instrumented):
                 else:
                     self._failed(node, kind.value, exc, retried=True)
                     if on_standby:
-                        tried = _add(tried, node)
+                        tried = add_tried(tried, node)
                         continue
             # Retry on the primary once the topology has caught up (or shortly anyway).
-            now = self._now()
-            if deadline is None:
-                deadline = now + self._failover_timeout
-            if now >= deadline:
-                raise self._no_primary(deadline, last)
-            self._retries += 1
-            await self._await_change(version, deadline)
+            deadline = await self._retry_later(version, deadline, last)
 
     async def _attempt(
         self,
@@ -1004,7 +960,7 @@ class FailoverClient(Instrumented):
     ) -> Any:
         pool = node.pool
         if pool is None:
-            raise _NotSent("closed")
+            raise NotSent("closed")
         now = self._now
         start = now()
         in_use = node.in_use = node.in_use + 1
@@ -1052,22 +1008,25 @@ class FailoverClient(Instrumented):
                 result = None
             else:
                 result = await conn.fetchval(_TOKEN_SQL, timeout=timeout)
-            if write and self._ryw:
+            if write and self._settings.read_your_writes:
                 await self._take_token(conn, node)
         except BaseException as exc:
-            if isinstance(exc, _NotSent):
+            if isinstance(exc, NotSent):
                 raise
             if sent_nothing(exc):
                 terminate(conn)
-                raise _NotSent("stale", exc) from exc
-            kind = classify(exc) if isinstance(exc, Exception) else None
+                raise NotSent("stale", exc) from exc
+            kind = classify_on(exc, conn) if isinstance(exc, Exception) else None
             if kind is None or kind is Kind.TIMEOUT:
                 # The statement is being cancelled: let it go back to the pool (or be closed)
                 # in the background, and raise now.
                 inline = False
-                self._spawn(self._release(node, pool, conn, self._release_timeout))
+                self._spawn(self._release(node, pool, conn, self._settings.release_timeout))
             elif kind in NODE_FAILURES:
                 terminate(conn)
+                gone = gone_error(exc, conn)
+                if gone is not exc:
+                    raise gone from exc
             raise
         finally:
             if inline:
@@ -1083,17 +1042,17 @@ class FailoverClient(Instrumented):
         self._hist_sum[k] += elapsed
         return result
 
-    def _acquire_failure(self, node: NodeRuntime, exc: Exception) -> _NotSent:
+    def _acquire_failure(self, node: NodeRuntime, exc: Exception) -> NotSent:
         if isinstance(exc, RoleMismatch):
-            return _NotSent("stale", exc)
+            return NotSent("stale", exc)
         if isinstance(exc, NodeFencedError):
-            return _NotSent("fenced", exc)
+            return NotSent("fenced", exc)
         if isinstance(exc, AcquireExpired):
             error = AcquireTimeoutError(
-                client=self._name, node=node.name, timeout=self._acquire_timeout
+                client=self._name, node=node.name, timeout=self._settings.acquire_timeout
             )
-            return _NotSent("acquire_timeout", error)
-        return _NotSent("connect", exc)
+            return NotSent("acquire_timeout", error)
+        return NotSent("connect", exc)
 
     async def _release(
         self, node: NodeRuntime, pool: Any, conn: Any, timeout: float | None
@@ -1146,20 +1105,92 @@ class FailoverClient(Instrumented):
                     raise NoPrimaryError(
                         client=self._name,
                         reason="all_nodes_down",
-                        retry_after=self._monitor_interval,
+                        retry_after=self._settings.monitor_interval,
                     ) from last
                 if self._now() >= deadline:
                     raise self._no_primary(deadline, last)
                 self._wake_all()
-                await self._wait_changed(min(deadline - self._now(), self._fast_interval * 4))
+                await self._wait_changed(
+                    min(deadline - self._now(), self._settings.fast_interval * 4)
+                )
         finally:
             self._waiting -= 1
+
+    async def _breaker_wait(
+        self,
+        node: NodeRuntime,
+        exc: CircuitOpenError,
+        deadline: float | None,
+        trial_waited: bool,
+    ) -> None:
+        """The primary's breaker rejected a call while its node answers probes.
+
+        A call that has not waited fails at once: the node's calls keep failing. A call that was
+        already waiting for a primary (its deadline runs) waits instead, within that deadline,
+        for the breaker to admit calls again: its open time to end, then its half-open trial
+        to succeed. Otherwise every waiter but one would fail the moment the node heals.
+
+        Returns when the call should try again; raises :class:`NoPrimaryError` (reason
+        ``"breaker_open"``) when the breaker will not admit it in time, or the trial it waited
+        for failed.
+        """
+        breaker = node.breaker
+        failed = trial_waited and exc.state != "half_open"  # the trial we waited for failed
+        if deadline is not None and not failed:
+            seen_trial = exc.state == "half_open"
+            remaining = deadline - self._now()
+            # An open breaker that stays open past the deadline is not worth waiting for; a
+            # trial in flight is: it usually ends in one round trip.
+            if seen_trial or exc.retry_after < remaining:
+                self._waiting += 1
+                try:
+                    while remaining > 0:
+                        state = breaker.state
+                        if state is CircuitState.HALF_OPEN:
+                            seen_trial = True
+                        elif state is not CircuitState.CLOSED and seen_trial:
+                            break  # the trial failed: the breaker opened again
+                        if breaker.retry_after() == 0.0:
+                            return
+                        await self._clock.sleep(min(self._settings.fast_interval, remaining))
+                        remaining = deadline - self._now()
+                finally:
+                    self._waiting -= 1
+        self._errors["no_primary"] += 1
+        raise NoPrimaryError(
+            client=self._name,
+            reason="breaker_open",
+            retry_after=breaker.retry_after(),
+            node=node.name,
+        ) from exc
+
+    async def _wait_for_primary(
+        self, deadline: float | None, last: BaseException | None
+    ) -> tuple[NodeRuntime, float]:
+        """Wait for a writable primary; the call's deadline starts now if it has none yet."""
+        if deadline is None:
+            deadline = self._now() + self._settings.failover_timeout
+        return await self._wait_primary(deadline, last), deadline
+
+    async def _retry_later(
+        self, version: int, deadline: float | None, last: BaseException | None
+    ) -> float:
+        """Before a call tries again: wait for the topology to change (briefly), within the
+        call's deadline (which starts now if it has none yet); past it, raise."""
+        now = self._now()
+        if deadline is None:
+            deadline = now + self._settings.failover_timeout
+        if now >= deadline:
+            raise self._no_primary(deadline, last)
+        self._retries += 1
+        await self._await_change(version, deadline)
+        return deadline
 
     def _no_primary(self, deadline: float, last: BaseException | None) -> BaseException:
         self._errors["no_primary"] += 1
         topo = self._topology
         ro = topo.read_only_primary
-        waited = self._failover_timeout + self._now() - deadline
+        waited = self._settings.failover_timeout + self._now() - deadline
         error = NoPrimaryError(
             client=self._name,
             reason="read_only" if ro is not None else "timeout",
@@ -1177,7 +1208,7 @@ class FailoverClient(Instrumented):
             self._wake_all()
             remaining = deadline - self._now()
             if remaining > 0:
-                await self._wait_changed(min(remaining, self._fast_interval * 4))
+                await self._wait_changed(min(remaining, self._settings.fast_interval * 4))
         finally:
             self._waiting -= 1
 
@@ -1255,7 +1286,7 @@ class FailoverClient(Instrumented):
         if known is not None and known >= token.lsn:
             self._ryw_counts["replayed"] += 1
             return
-        deadline = self._now() + self._ryw_timeout
+        deadline = self._now() + self._settings.ryw_timeout
         delay = 0.002
         while True:
             replayed = await conn.fetchval("SELECT pg_last_wal_replay_lsn()")
@@ -1265,7 +1296,7 @@ class FailoverClient(Instrumented):
             remaining = deadline - self._now()
             if replayed is None or remaining <= 0:
                 self._ryw_counts["fallback"] += 1
-                raise _NotSent("ryw_fallback")
+                raise NotSent("ryw_fallback")
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.05)
 
@@ -1273,18 +1304,18 @@ class FailoverClient(Instrumented):
 
     async def _monitor(self, rt: NodeRuntime) -> None:
         loop = asyncio.get_running_loop()
-        bound = self._connect_timeout + self._probe_timeout + 1.0
+        bound = self._settings.connect_timeout + self._settings.probe_timeout + 1.0
         last_start = -math.inf
         while self._state == _RUNNING:
             # Never probe in a tight loop, whatever the hints; but confirm a role change at
             # once: a standby's promotion is one-way, and writers are waiting for it.
-            gap = self._fast_interval - (loop.time() - last_start)
+            gap = self._settings.fast_interval - (loop.time() - last_start)
             if gap > 0 and rt.state.pending_role is None:
                 await asyncio.sleep(gap)
             rt.wake.clear()
             last_start = loop.time()
             try:
-                observation = await asyncio.wait_for(rt.probe(self._probe_timeout), bound)
+                observation = await asyncio.wait_for(rt.probe(self._settings.probe_timeout), bound)
                 error = None
             except asyncio.CancelledError:
                 raise
@@ -1295,7 +1326,7 @@ class FailoverClient(Instrumented):
             await self._apply(events)
             if observation is None and was_primary:
                 self._wake_all()  # the primary does not answer: look for a promoted standby
-            if self._auto_promote:
+            if self._settings.auto_promote:
                 self._maybe_promote()
             if rt.state.pending_role is not None:
                 continue
@@ -1314,16 +1345,16 @@ class FailoverClient(Instrumented):
             or (st.reachable is False and st.ok_streak > 0)
         )
         if confirming or self._waiting:
-            return self._fast_interval
+            return self._settings.fast_interval
         if st.reachable is False:
             # Down: look again soon (a restart is quick), then back off to the normal pace.
-            backoff = self._fast_interval * 2.0 ** min(st.fail_streak, 16)
-            return min(self._monitor_interval, backoff)
+            backoff = self._settings.fast_interval * 2.0 ** min(st.fail_streak, 16)
+            return min(self._settings.monitor_interval, backoff)
         if topo.primary is None and not topo.all_down:
-            return self._fast_interval  # a standby may be promoted any moment
-        if self._now() - self._last_hint < self._monitor_interval:
-            return self._fast_interval
-        return self._monitor_interval
+            return self._settings.fast_interval  # a standby may be promoted any moment
+        if self._now() - self._last_hint < self._settings.monitor_interval:
+            return self._settings.fast_interval
+        return self._settings.monitor_interval
 
     async def _apply(self, events: list[Any]) -> None:
         topo = self._topology
@@ -1343,6 +1374,54 @@ class FailoverClient(Instrumented):
         if topo.version != self._seen_version:
             self._seen_version = topo.version
             self._notify()
+        if self._fencing is not None:
+            self._sync_fencing()
+
+    # -- fencing record --------------------------------------------------------------------------
+
+    def _sync_fencing(self) -> None:
+        """Read the fencing record once the cluster is known; save every higher timeline."""
+        topo = self._topology
+        sysid = topo.system_identifier
+        if (
+            sysid is None or self._fence_task is not None or self._state != _RUNNING
+            or self._now() < self._fence_retry_at
+        ):  # fmt: skip
+            return
+        if topo.floor_pending:
+            self._fence_task = asyncio.create_task(self._fence_io(sysid, None))
+        elif topo.max_timeline > self._fence_saved:
+            self._fence_task = asyncio.create_task(self._fence_io(sysid, topo.max_timeline))
+
+    async def _fence_io(self, sysid: int, save: int | None) -> None:
+        """Load the record (``save`` is ``None``) or save timeline ``save`` to it, bounded."""
+        record = self._fencing
+        assert record is not None
+        timeline: int | None = save
+        try:
+            io: Awaitable[int | None] = (
+                record.load(sysid) if save is None else record.save(sysid, save)
+            )
+            loaded = await asyncio.wait_for(io, self._settings.probe_timeout)
+            if save is None:
+                timeline = loaded
+                if timeline is not None and (isinstance(timeline, bool) or timeline < 1):
+                    raise ValueError(f"the record holds timeline {timeline!r}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fence_retry_at = self._now() + self._settings.monitor_interval
+            action = "load" if save is None else "save"
+            self._emit(
+                PostgresFencingRecordFailed(name=self._name, action=action, timeline=save,
+                                            error=exc)
+            )  # fmt: skip
+            return
+        finally:
+            self._fence_task = None
+        self._fence_saved = max(self._fence_saved, timeline or 0)
+        if save is None:
+            await self._apply(self._topology.set_timeline_floor(timeline))
 
     def _notify(self) -> None:
         event = self._changed
@@ -1357,7 +1436,10 @@ class FailoverClient(Instrumented):
             return
         gap = topo.no_primary_for()
         now = self._now()
-        if gap < self._promote_after or now - self._last_promotion < self._promote_after:
+        if (
+            gap < self._settings.promote_after
+            or now - self._last_promotion < self._settings.promote_after
+        ):
             return
         candidate = topo.promotion_candidate()
         if candidate is None:
@@ -1367,7 +1449,7 @@ class FailoverClient(Instrumented):
 
     async def _promote(self, rt: NodeRuntime) -> None:
         try:
-            ok = await rt.promote(self._failover_timeout)
+            ok = await rt.promote(self._settings.failover_timeout)
             error: BaseException | None = None
         except asyncio.CancelledError:
             raise
@@ -1400,12 +1482,12 @@ class FailoverClient(Instrumented):
         if refresh and self._state == _RUNNING:
             generations = [rt.state.observed_at for rt in self._runtimes]
             self._wake_all()
-            deadline = self._now() + self._connect_timeout + self._probe_timeout
+            deadline = self._now() + self._settings.connect_timeout + self._settings.probe_timeout
             while self._now() < deadline and any(
                 rt.state.observed_at == g and rt.state.last_error is None
                 for rt, g in zip(self._runtimes, generations)
             ):
-                await self._wait_changed(min(self._fast_interval, deadline - self._now()))
+                await self._wait_changed(min(self._settings.fast_interval, deadline - self._now()))
         topo = self._topology
         nodes = []
         for rt in self._runtimes:
@@ -1427,6 +1509,7 @@ class FailoverClient(Instrumented):
                     pool_idle=idle,
                     pool_waiters=rt.waiters,
                     last_error=st.last_error,
+                    alias_of=None if st.alias_of is None else st.alias_of.name,
                 )
             )
         status: Literal["ok", "degraded", "down"]
@@ -1440,12 +1523,12 @@ class FailoverClient(Instrumented):
             status = "ok"
         else:
             status = "degraded"
-        blocked = topo.writes_blocked
+        blocked_by = self._writes_blocked_reason()
         return PostgresHealth(
             name=self._name,
             status=status,
             active=self.primary,
-            writes_blocked=None if blocked is None else blocked[0],
+            writes_blocked=blocked_by,
             nodes=tuple(nodes),
         )
 
@@ -1453,6 +1536,14 @@ class FailoverClient(Instrumented):
 
     def _on_hooks_changed(self) -> None:
         self._w_failed = self._hookset.wants(PostgresCallFailed)
+
+    def _writes_blocked_reason(self) -> str | None:
+        """Why writes are stopped altogether, or None: the topology's reason, or the fencing
+        record not read yet."""
+        topo = self._topology
+        if topo.writes_blocked is not None:
+            return topo.writes_blocked[0]
+        return "fencing_record" if topo.floor_pending else None
 
     def _metric_samples(self) -> Iterator[tuple[str, tuple[str, ...], float | HistogramValue]]:
         name = self._name
@@ -1481,6 +1572,22 @@ class FailoverClient(Instrumented):
         yield "veritas_postgres_failovers", (name,), float(topo.failovers)
         yield "veritas_postgres_fencings", (name,), float(topo.fencings)
         yield "veritas_postgres_no_primary_seconds", (name,), topo.no_primary_seconds()
+        blocked = topo.writes_blocked[0] if topo.writes_blocked is not None else None
+        if blocked is None and topo.floor_pending:
+            blocked = "fencing_record"
+        for reason in ("split_brain", "system_identifier", "fencing_record"):
+            yield (
+                "veritas_postgres_writes_blocked",
+                (name, reason),
+                1.0 if blocked == reason else 0.0,
+            )
+        settings = self._settings
+        if settings.max_lag_bytes is not None:
+            limit = float(settings.max_lag_bytes)
+            yield "veritas_postgres_replication_lag_limit_bytes", (name,), limit
+        if settings.max_lag_seconds is not None:
+            limit = float(settings.max_lag_seconds)
+            yield "veritas_postgres_replication_lag_limit_seconds", (name,), limit
         for k, served_by in enumerate(("primary", "standby")):
             yield (
                 "veritas_postgres_query_duration_seconds",
@@ -1493,200 +1600,3 @@ class FailoverClient(Instrumented):
         for outcome, count in self._ryw_counts.items():
             yield "veritas_postgres_read_your_writes", (name, outcome), float(count)
         yield "veritas_postgres_promotions", (name,), float(self._promotions)
-
-
-def _add(tried: set[NodeRuntime] | None, node: NodeRuntime) -> set[NodeRuntime]:
-    if tried is None:
-        tried = set()
-    tried.add(node)
-    return tried
-
-
-class _Session:
-    """``async with client.acquire()`` / ``client.transaction()``: one connection, held."""
-
-    def __init__(self, client: FailoverClient, route: Route, tx: dict[str, Any] | None) -> None:
-        self._client = client
-        self._route: Route = route
-        self._tx_options = tx
-        self._node: NodeRuntime | None = None
-        self._pool: Any = None
-        self._conn: Any = None
-        self._tx: Any = None
-
-    async def __aenter__(self) -> Any:
-        if self._conn is not None:
-            raise RuntimeError("this session is already entered")
-        client = self._client
-        if client._state != _RUNNING:
-            await client._ensure_running()
-        topo = client._topology
-        deadline: float | None = None
-        tried: set[NodeRuntime] | None = None
-        last: BaseException | None = None
-        while True:
-            version = topo.version
-            node = client._pick_standby(None, tried) if self._route == "prefer_standby" else None
-            on_standby = node is not None
-            if node is None:
-                node = client._primary_rt
-                if node is None:
-                    if deadline is None:
-                        deadline = client._now() + client._failover_timeout
-                    node = await client._wait_primary(deadline, last)
-            try:
-                conn = await node.breaker.call(self._open, node)
-            except _NotSent as exc:
-                last = exc.error or exc
-                client._failed(node, exc.kind, exc.error, retried=True)
-                if exc.kind == "acquire_timeout":
-                    raise exc.error or exc from None
-                if on_standby:
-                    tried = _add(tried, node)
-                    continue
-            except CircuitOpenError as exc:
-                if on_standby:
-                    tried = _add(tried, node)
-                    continue
-                if not node.state.suspect:
-                    raise NoPrimaryError(
-                        client=client._name,
-                        reason="breaker_open",
-                        retry_after=exc.retry_after,
-                        node=node.name,
-                    ) from exc
-                last = exc
-            else:
-                self._node, self._conn = node, conn
-                return conn
-            now = client._now()
-            if deadline is None:
-                deadline = now + client._failover_timeout
-            if now >= deadline:
-                raise client._no_primary(deadline, last)
-            client._retries += 1
-            await client._await_change(version, deadline)
-
-    async def _open(self, node: NodeRuntime) -> Any:
-        client = self._client
-        pool = node.pool
-        if pool is None:
-            raise _NotSent("closed")
-        node.in_use += 1
-        try:
-            if node.in_use > node.max_size:
-                conn = await node.guard.acquire(pool)
-            else:
-                conn = await pool.acquire()
-        except Exception as exc:
-            node.in_use -= 1
-            raise client._acquire_failure(node, exc) from exc
-        except BaseException:
-            node.in_use -= 1
-            raise
-        self._pool = pool
-        if self._tx_options is None:
-            return conn
-        tx = conn.transaction(**self._tx_options)
-        try:
-            await tx.start()
-        except BaseException as exc:
-            if sent_nothing(exc):
-                terminate(conn)
-                await client._release(node, pool, conn, None)
-                raise _NotSent("stale", exc) from exc
-            kind = classify(exc) if isinstance(exc, Exception) else None
-            if kind is Kind.SQL or kind is None:
-                client._spawn(client._release(node, pool, conn, client._release_timeout))
-                raise
-            terminate(conn)
-            await client._release(node, pool, conn, None)
-            # BEGIN never took effect: nothing happened, the client may try again.
-            raise _NotSent("connect" if kind in NODE_FAILURES else "stale", exc) from exc
-        self._tx = tx
-        return conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        client = self._client
-        node, pool, conn, tx = self._node, self._pool, self._conn, self._tx
-        assert node is not None
-        self._node = self._pool = self._conn = self._tx = None
-        inline = True
-        try:
-            if exc is not None:
-                kind = classify(exc) if isinstance(exc, Exception) else None
-                if kind is not None and kind is not Kind.SQL:
-                    client._failed(node, kind.value, exc, retried=False)
-                if kind in NODE_FAILURES:
-                    terminate(conn)
-                elif kind is None:
-                    inline = False  # cancelled: give it back in the background, bounded
-                    client._spawn(client._release(node, pool, conn, client._release_timeout))
-                elif tx is not None and not is_closed(conn):
-                    try:
-                        await tx.rollback()
-                    except Exception:
-                        terminate(conn)
-                if tx is not None and isinstance(exc, Exception):
-                    mapped = self._map_rolled_back(node, exc, kind)
-                    if mapped is not None:
-                        raise mapped from exc
-                return
-            if tx is not None:
-                await self._commit(node, conn, tx)
-        finally:
-            if inline:
-                await client._release(node, pool, conn, None)
-
-    def _map_rolled_back(
-        self, node: NodeRuntime, exc: Exception, kind: Kind | None
-    ) -> PostgresError | None:
-        client = self._client
-        if node.state.fenced is not None and kind is not Kind.SQL:
-            return NodeFencedError(client=client._name, node=node.name, reason=node.state.fenced)
-        if kind is Kind.READ_ONLY:
-            return NotPrimaryError(client=client._name, node=node.name)
-        if kind in (Kind.LOST, Kind.SHUTDOWN, Kind.CONNECT):
-            return ConnectionLostError(client=client._name, node=node.name)
-        if kind is Kind.TIMEOUT:
-            return QueryTimeoutError(client=client._name, node=node.name, timeout=None)
-        return None
-
-    async def _commit(self, node: NodeRuntime, conn: Any, tx: Any) -> None:
-        client = self._client
-        state = node.state
-        closed = is_closed(conn)
-        if state.fenced is not None or closed or node is not client._primary_rt:
-            # Never commit on a node that lost its role: the server rolls the transaction back
-            # when the connection goes.
-            terminate(conn)
-            if state.fenced is not None:
-                client._errors["fenced"] += 1
-                raise NodeFencedError(client=client._name, node=node.name, reason=state.fenced)
-            if closed:
-                raise ConnectionLostError(client=client._name, node=node.name)
-            raise NotPrimaryError(client=client._name, node=node.name)
-        try:
-            await node.breaker.call(tx.commit)
-        except Exception as exc:
-            kind = classify(exc)
-            if kind is Kind.SQL:
-                raise  # e.g. a serialization failure at commit: rolled back, the caller's call
-            client._failed(node, kind.value, exc, retried=False)
-            if kind is Kind.READ_ONLY:
-                raise NotPrimaryError(client=client._name, node=node.name) from exc
-            terminate(conn)
-            client._errors["commit_unknown"] += 1
-            reason = {Kind.TIMEOUT: "timeout", Kind.SHUTDOWN: "shutdown"}.get(
-                kind, "connection_lost"
-            )
-            raise CommitOutcomeUnknownError(
-                client=client._name, node=node.name, reason=reason
-            ) from exc
-        if client._ryw:
-            await client._take_token(conn, node)

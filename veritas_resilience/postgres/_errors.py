@@ -221,6 +221,36 @@ class AcquireTimeoutError(PostgresError, TimeoutError):
         self.timeout = timeout
 
 
+class NotSent(Exception):
+    """An attempt failed before its statement reached the server (internal, never raised out).
+
+    Attributes:
+        kind: Why: ``"connect"``, ``"stale"``, ``"fenced"``, ``"closed"``, ``"acquire_timeout"``
+            or ``"ryw_fallback"``.
+        error: The error behind it, if any.
+    """
+
+    def __init__(self, kind: str, error: BaseException | None = None) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.error = error
+
+    def __str__(self) -> str:
+        # What a breaker's failure log shows: the reason and the driver's error behind it.
+        if self.error is None:
+            return f"not sent ({self.kind})"
+        return f"not sent ({self.kind}): {type(self.error).__name__}: {self.error}"
+
+
+class ConnectionGone(ConnectionError):
+    """The connection was closed under a call, and the driver said so in its own way (internal).
+
+    asyncpg raises a bare ``InterfaceError``, or even an ``AttributeError`` from inside a
+    terminated connection, when the client itself closed it (the node was fenced or demoted):
+    this stands for all of them (a connection loss), with the driver's error as its cause.
+    """
+
+
 class Kind(str, enum.Enum):
     """What an exception from a node means for routing (internal; also a metric label)."""
 
@@ -278,3 +308,17 @@ def sent_nothing(exc: BaseException) -> bool:
 def _is_closed_error(exc: BaseException) -> bool:
     text = str(exc)
     return "closed" in text or "connection was lost" in text or "terminat" in text
+
+
+def breaker_failure(exc: BaseException) -> bool:
+    """Whether an error counts as a failure for the node's breaker (the node or link fails)."""
+    if isinstance(exc, NotSent):
+        return exc.kind == "connect"
+    return classify(exc) in NODE_FAILURES
+
+
+def breaker_ignored(exc: BaseException) -> bool:
+    """Whether the node's breaker ignores an error (neither success nor failure of the node)."""
+    if isinstance(exc, NotSent):
+        return exc.kind != "connect"
+    return classify(exc) is Kind.READ_ONLY

@@ -17,6 +17,7 @@ from ..instrumentation.structlog import LOGGED_EVENTS, error_fields
 __all__ = [
     "PostgresCallFailed",
     "PostgresFailoverDetected",
+    "PostgresFencingRecordFailed",
     "PostgresNodeChanged",
     "PostgresNodeFenced",
     "PostgresPromotionAttempted",
@@ -217,8 +218,40 @@ class PostgresCallFailed(Event):
         return ("info" if self.retried else "warning", "postgres_call_failed", fields)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostgresFencingRecordFailed(Event):
+    """The client could not read or write its fencing record (``fencing_record=``).
+
+    Until it has read the record, the client takes no writes (it tries again every
+    ``monitor_interval``); a failed write is tried again at the next probe round.
+
+    Attributes:
+        action: ``"load"`` or ``"save"``.
+        timeline: The timeline it was saving (``None`` for a load).
+        error: The exception (its message is redacted in logs).
+    """
+
+    kind: ClassVar[str] = "postgres"
+    action: str
+    timeline: int | None
+    error: BaseException
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """Level, message and fields of the log line."""
+        fields: dict[str, Any] = {
+            "client": self.name,
+            "action": self.action,
+            "timeline": self.timeline,
+            **error_fields(self.error),
+        }
+        if "error" in fields:
+            fields["error"] = redact(fields["error"])
+        return ("error", "postgres_fencing_record_failed", fields)
+
+
 LOGGED_EVENTS.update(
     {
+        PostgresFencingRecordFailed,
         PostgresNodeChanged,
         PostgresFailoverDetected,
         PostgresNodeFenced,

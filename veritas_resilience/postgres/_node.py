@@ -16,7 +16,7 @@ import asyncpg.pool
 
 from ..circuit_breaker import CircuitBreaker
 from ._config import Node
-from ._errors import NodeFencedError
+from ._errors import ConnectionGone, Kind, NodeFencedError, classify
 from ._topology import NodeState, Observation
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "ConnectSettings",
     "NodeRuntime",
     "RoleMismatch",
+    "classify_on",
+    "gone_error",
     "is_closed",
     "terminate",
 ]
@@ -46,7 +48,8 @@ SELECT pg_is_in_recovery() AS in_recovery,
        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
             ELSE pg_current_wal_lsn() END AS lsn,
        pg_last_wal_receive_lsn() AS receive_lsn,
-       (SELECT status FROM pg_stat_wal_receiver) AS receiver_status
+       (SELECT status FROM pg_stat_wal_receiver) AS receiver_status,
+       extract(epoch FROM pg_postmaster_start_time())::float8 AS started_at
 """
 
 
@@ -349,6 +352,7 @@ class NodeRuntime:
             lsn=row["lsn"],
             receive_lsn=row["receive_lsn"],
             streaming=None if status is None else status == "streaming",
+            started_at=row["started_at"],
         )
 
     async def promote(self, timeout: float) -> bool:
@@ -408,6 +412,26 @@ def is_closed(conn: Any) -> bool:
         return bool(conn.is_closed())
     except asyncpg.InterfaceError:
         return True
+
+
+def classify_on(exc: BaseException, conn: Any) -> Kind:
+    """:func:`classify`, knowing the connection the error came from.
+
+    Once the connection is closed, any error but the server's own is the connection's loss.
+    """
+    kind = classify(exc)
+    if kind is Kind.SQL and not isinstance(exc, asyncpg.PostgresError) and is_closed(conn):
+        return Kind.LOST
+    return kind
+
+
+def gone_error(exc: BaseException, conn: Any) -> BaseException:
+    """``exc``, or a :class:`ConnectionGone` caused by it when it only says the connection is."""
+    if classify(exc) is Kind.SQL and classify_on(exc, conn) is Kind.LOST:
+        gone = ConnectionGone(f"connection closed under the call: {type(exc).__name__}: {exc}")
+        gone.__cause__ = exc
+        return gone
+    return exc
 
 
 class RoleMismatch(Exception):

@@ -15,8 +15,12 @@ The rules, in the order they apply after every probe:
    fenced; without a pinned identifier, writes stop altogether while it is reachable.
 3. **One primary.** The highest timeline any node of the cluster ever reported is remembered. A
    primary on a lower timeline is the stale side of a split brain and is fenced, even when it is
-   the only primary left. Two primaries on the highest timeline fence each other and stop writes.
-   A fenced node is released when it comes back as a standby.
+   the only primary left (``min_timeline`` sets the floor before any node reported one). Two
+   primaries on the highest timeline fence each other and stop writes, unless they are one
+   server under two names (a pooler and the server behind it, two addresses of one host): the
+   same system identifier, timeline and postmaster start time. Then the first name in the
+   configured order takes the writes and the others stand by as its aliases. A fenced node is
+   released when it comes back as a standby.
 4. **Fresh reads.** A standby serves reads only on the primary's timeline, and only while its
    replay lag (bytes behind the primary's WAL position, and seconds behind it) is within the
    limits; once over, it needs ``rise`` good probes in a row to serve reads again.
@@ -61,6 +65,8 @@ class Observation:
         lsn: ``pg_current_wal_lsn()`` on a primary, ``pg_last_wal_replay_lsn()`` on a standby.
         receive_lsn: ``pg_last_wal_receive_lsn()`` on a standby.
         streaming: Whether the standby's WAL receiver is streaming (``None`` when unknown).
+        started_at: ``pg_postmaster_start_time()`` as a POSIX timestamp: with the system
+            identifier and the timeline it tells one server reached under two names.
     """
 
     in_recovery: bool
@@ -70,6 +76,7 @@ class Observation:
     lsn: int | None = None
     receive_lsn: int | None = None
     streaming: bool | None = None
+    started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,8 @@ class NodeStatus:
         lagging: Whether the lag is over the limit (it serves no reads).
         generation: Bumped at every change that evicts its connections.
         last_error: The type of the last probe error, when the last probe failed.
+        alias_of: The node that takes the writes for the same server reached under another
+            name, when this node is such an alias; else ``None``.
     """
 
     name: str
@@ -106,12 +115,14 @@ class NodeStatus:
     lagging: bool
     generation: int
     last_error: str | None
+    alias_of: str | None = None
 
 
 class NodeState:
     """The client's running belief about one node (mutable; owned by :class:`Topology`)."""
 
     __slots__ = (
+        "alias_of",
         "fail_streak",
         "fenced",
         "generation",
@@ -133,6 +144,7 @@ class NodeState:
         "read_only",
         "receive_lsn",
         "role",
+        "started_at",
         "streaming",
         "system_identifier",
         "timeline",
@@ -149,6 +161,8 @@ class NodeState:
         self.lsn: int | None = None
         self.receive_lsn: int | None = None
         self.streaming: bool | None = None
+        self.started_at: float | None = None
+        self.alias_of: NodeState | None = None
         self.observed_at: float | None = None
         self.ok_streak = 0
         self.fail_streak = 0
@@ -191,6 +205,10 @@ class Topology:
         system_identifier: The cluster's ``system_identifier``, if known in advance: nodes that
             report another one are fenced and the others keep working. Learned from the first
             node otherwise, and a mismatch stops writes altogether.
+        min_timeline: The lowest timeline a primary may be on to take writes, as if a node had
+            reported it (a primary below it is fenced as stale); ``None``: no floor.
+        await_floor: Take no writes until :meth:`set_timeline_floor` is called (the client
+            reads its fencing record first).
         clock: Time source.
     """
 
@@ -204,6 +222,8 @@ class Topology:
         max_lag_bytes: int | None = None,
         max_lag_seconds: float | None = None,
         system_identifier: int | None = None,
+        min_timeline: int | None = None,
+        await_floor: bool = False,
         clock: Clock = MONOTONIC,
     ) -> None:
         self.client = client
@@ -223,8 +243,10 @@ class Topology:
         """``(reason, nodes)`` while writes are stopped altogether, else ``None``."""
         self.read_only_primary: NodeState | None = None
         """The primary when it runs with ``default_transaction_read_only`` (it takes no writes)."""
-        self.max_timeline = 0
-        """The highest timeline any node of the cluster reported."""
+        self.max_timeline = min_timeline or 0
+        """The highest timeline any node of the cluster reported (at least ``min_timeline``)."""
+        self.floor_pending = await_floor
+        """Whether writes wait for :meth:`set_timeline_floor` (a fencing record to be read)."""
         self.failovers = 0
         """How many times the primary moved to another node."""
         self.fencings = 0
@@ -232,6 +254,7 @@ class Topology:
         self.version = 0
         """Bumped at every change of :attr:`primary`, :attr:`readable` or a node's state."""
         self._last_primary: NodeState | None = None
+        self._last_timeline: int | None = None
         self._no_primary_since: float | None = None
         self._no_primary_total = 0.0
         self._samples: deque[tuple[float, int]] = deque(maxlen=_MAX_SAMPLES)
@@ -287,6 +310,7 @@ class Topology:
             lagging=node.lagging,
             generation=node.generation,
             last_error=node.last_error,
+            alias_of=None if node.alias_of is None else node.alias_of.name,
         )
 
     def promotion_candidate(self) -> NodeState | None:
@@ -296,7 +320,7 @@ class Topology:
         (by received WAL, then replayed WAL, then configured order). ``None`` while any reachable
         node claims to be primary or writes are blocked.
         """
-        if self.writes_blocked is not None:
+        if self.writes_blocked is not None or self.floor_pending:
             return None
         if any(n.reachable and n.role == "primary" for n in self.nodes):
             return None
@@ -316,6 +340,17 @@ class Topology:
         return best
 
     # -- input --------------------------------------------------------------------------------
+
+    def set_timeline_floor(self, timeline: int | None) -> list[Event]:
+        """Raise the highest timeline to ``timeline`` (as read from a fencing record) and let
+        writes go ahead; return the events of the decision taken again."""
+        self.floor_pending = False
+        if timeline is not None and timeline > self.max_timeline:
+            self.max_timeline = timeline
+        self.version += 1
+        events: list[Event] = []
+        self._decide(None, self._clock.monotonic(), events)
+        return events
 
     def hint(self, node: NodeState) -> None:
         """Note that a call saw an error hinting that the node's role or health changed."""
@@ -363,11 +398,16 @@ class Topology:
         if node.read_only != obs.read_only:
             self.version += 1
         node.read_only = obs.read_only
+        server_changed = node.reachable is True and (
+            (node.timeline is not None and obs.timeline != node.timeline)
+            or (node.started_at is not None and obs.started_at != node.started_at)
+        )
         node.system_identifier = obs.system_identifier
         node.timeline = obs.timeline
         node.lsn = obs.lsn
         node.receive_lsn = obs.receive_lsn
         node.streaming = obs.streaming
+        node.started_at = obs.started_at
         node.observed_at = now
 
         if node.reachable is None:
@@ -390,6 +430,11 @@ class Topology:
             return
         if seen == node.role:
             node.pending_role, node.pending_streak = None, 0
+            if server_changed and seen == "primary":
+                # Another server answers under this name now (a moved address, a retargeted
+                # pooler, a restart): connections opened before belong to the old one.
+                node.generation += 1
+                self.version += 1
             return
         if seen == "standby":
             # A primary in recovery was demoted (restarted as a standby): stop writes at once.
@@ -412,7 +457,7 @@ class Topology:
 
     # -- decision -------------------------------------------------------------------------------
 
-    def _decide(self, probed: NodeState, now: float, events: list[Event]) -> None:
+    def _decide(self, probed: NodeState | None, now: float, events: list[Event]) -> None:
         reachable = [n for n in self.nodes if n.reachable]
         sysid = self._reference_sysid(reachable)
         foreign = [
@@ -435,14 +480,24 @@ class Topology:
             else:
                 contenders.append(n)
         blocked: tuple[str, tuple[str, ...]] | None = None
+        aliases = _aliases(contenders)
+        if aliases:
+            # One server under several names: the first name takes the writes.
+            contenders = [n for n in contenders if n.index not in aliases]
         if len(contenders) > 1:
             for n in contenders:
                 fence[n.index] = "split_brain"
             blocked = ("split_brain", tuple(n.name for n in contenders))
+            aliases = {}
         if foreign and self._pinned_sysid is None:
             names = tuple(n.name for n in reachable)
             blocked = ("system_identifier", names)
         winner = contenders[0] if len(contenders) == 1 else None
+        for n in self.nodes:
+            alias_of = aliases.get(n.index)
+            if alias_of is not n.alias_of:
+                n.alias_of = alias_of
+                self.version += 1
 
         self._apply_fences(fence, winner, events)
         if blocked != self.writes_blocked:
@@ -463,7 +518,7 @@ class Topology:
                 )
 
         writable = winner if winner is not None and not winner.read_only else None
-        if blocked is not None:
+        if blocked is not None or self.floor_pending:
             writable = None
         self.read_only_primary = winner if winner is not None and winner.read_only else None
         self._set_primary(writable, now, events)
@@ -522,6 +577,10 @@ class Topology:
         if primary is self.primary:
             if primary is None and self._no_primary_since is None:
                 self._no_primary_since = now
+            elif primary is not None and primary.timeline != self._last_timeline:
+                # The same name now leads to a promoted server (a pooler or an address moved
+                # to the new primary): a failover all the same.
+                self._failover(primary, primary, 0.0, events)
             return
         self.primary = primary
         self.version += 1
@@ -534,22 +593,33 @@ class Topology:
             self._no_primary_total += without
             self._no_primary_since = None
         last = self._last_primary
-        self._last_primary = primary
-        if last is not None and last is not primary:
-            self.failovers += 1
-            events.append(
-                PostgresFailoverDetected(
-                    name=self.client,
-                    old_primary=last.name,
-                    new_primary=primary.name,
-                    timeline=primary.timeline,
-                    without_primary=without,
-                )
+        if last is None:
+            self._last_primary, self._last_timeline = primary, primary.timeline
+        elif (last is not primary and not _same_server(last, primary)) or (
+            primary.timeline != self._last_timeline
+        ):
+            self._failover(last, primary, without, events)
+        else:
+            self._last_primary = primary
+
+    def _failover(
+        self, last: NodeState, primary: NodeState, without: float, events: list[Event]
+    ) -> None:
+        self._last_primary, self._last_timeline = primary, primary.timeline
+        self.failovers += 1
+        events.append(
+            PostgresFailoverDetected(
+                name=self.client,
+                old_primary=last.name,
+                new_primary=primary.name,
+                timeline=primary.timeline,
+                without_primary=without,
             )
+        )
 
     # -- replication lag -------------------------------------------------------------------------
 
-    def _update_lag(self, probed: NodeState, winner: NodeState | None, now: float) -> None:
+    def _update_lag(self, probed: NodeState | None, winner: NodeState | None, now: float) -> None:
         if winner is not None and winner.lsn is not None:
             if winner.timeline != self._sample_timeline:
                 self._samples.clear()
@@ -615,3 +685,29 @@ class Topology:
             timeline=node.timeline,
             reason=reason,
         )
+
+
+def _same_server(a: NodeState, b: NodeState) -> bool:
+    """Whether two nodes are one server reached under two names (as their last probes say)."""
+    return (
+        a.started_at is not None
+        and a.started_at == b.started_at
+        and a.system_identifier == b.system_identifier
+        and a.timeline == b.timeline
+    )
+
+
+def _aliases(contenders: list[NodeState]) -> dict[int, NodeState]:
+    """Among primaries on one timeline, the ones that are another's server under another name.
+
+    Returns ``{index: the node it is an alias of}``; the first name of each server (in the
+    configured order) is the one kept.
+    """
+    aliases: dict[int, NodeState] = {}
+    for i, n in enumerate(contenders):
+        if n.index in aliases:
+            continue
+        for other in contenders[i + 1 :]:
+            if other.index not in aliases and _same_server(n, other):
+                aliases[other.index] = n
+    return aliases

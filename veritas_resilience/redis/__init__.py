@@ -27,7 +27,12 @@ from ._commands import retry_unknown_outcome as retry_unknown_outcome
 from ._errors import NoMasterError as NoMasterError
 from ._errors import NoReplicaError as NoReplicaError
 from ._errors import NoSentinelAvailableError as NoSentinelAvailableError
+from ._errors import NotASentinelError as NotASentinelError
 from ._errors import OutcomeUnknownError as OutcomeUnknownError
+from ._errors import PoolExhaustedError as PoolExhaustedError
+from ._errors import RedisAuthenticationError as RedisAuthenticationError
+from ._errors import RedisCircuitOpenError as RedisCircuitOpenError
+from ._errors import RedisConfigurationError as RedisConfigurationError
 from ._errors import RedisError as RedisError
 from ._errors import RedisUnavailableError as RedisUnavailableError
 from ._errors import UnknownServiceError as UnknownServiceError
@@ -36,6 +41,7 @@ from ._events import RedisMasterLost as RedisMasterLost
 from ._events import RedisMasterSwitched as RedisMasterSwitched
 from ._events import RedisPubSubReconnected as RedisPubSubReconnected
 from ._events import RedisReplicasChanged as RedisReplicasChanged
+from ._events import RedisSentinelDisagreement as RedisSentinelDisagreement
 from ._events import RedisSentinelStateChanged as RedisSentinelStateChanged
 from ._retry import RetryPolicy as RetryPolicy
 
@@ -45,15 +51,21 @@ __all__ = [
     "NoMasterError",
     "NoReplicaError",
     "NoSentinelAvailableError",
+    "NotASentinelError",
     "OutcomeUnknownError",
+    "PoolExhaustedError",
     "ReadFrom",
+    "RedisAuthenticationError",
+    "RedisCircuitOpenError",
     "RedisCommandRetried",
+    "RedisConfigurationError",
     "RedisError",
     "RedisHealth",
     "RedisMasterLost",
     "RedisMasterSwitched",
     "RedisPubSubReconnected",
     "RedisReplicasChanged",
+    "RedisSentinelDisagreement",
     "RedisSentinelStateChanged",
     "RedisUnavailableError",
     "RetryPolicy",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -31,8 +31,9 @@ from ..circuit_breaker import CircuitBreaker, FailureRate
 from ..events import CircuitState, Hook
 from ..instrumentation.prometheus import HistogramValue
 from ..retry import RetryBudget
-from ._commands import classify, command_name, is_idempotent
+from ._commands import FencedReplyError, classify, command_name, is_idempotent
 from ._compat import async_timeout
+from ._errors import NoSentinelAvailableError, RedisConfigurationError
 from ._events import RedisPubSubReconnected
 from ._pool import FencedConnection, FencedPool
 from ._retry import CallGuard, RetryPolicy
@@ -162,16 +163,21 @@ class SentinelRedis(redis.asyncio.Redis):
         await client.aclose()
 
     How it finds the master: it subscribes to the events of every Sentinel and also polls them
-    (fast while degraded), asks all of them at once, believes the highest config epoch, and
-    accepts a master only after the node itself answers ``ROLE master``. Every connection belongs
-    to the master generation it was opened under; after a switch nothing is sent on an older one.
+    (fast while degraded), asks all of them at once, keeps only masters a quorum (majority) of
+    the configured Sentinels backs, believes the highest config epoch among those, and accepts a
+    master only after the node itself answers ``ROLE master``. Every connection belongs to the
+    master generation it was opened under; after a switch nothing is sent on an older one, the
+    connections still in use are cut loose at once, and a reply that arrives on one of them is
+    never reported as a success.
 
     How it retries: a reply that proves the command did not run (``READONLY``, ``LOADING``,
     ``MASTERDOWN``...) and a failure before sending are retried for any command; a connection lost
     after sending only for idempotent commands (or inside
-    :func:`~veritas_resilience.redis.retry_unknown_outcome`); all within ``retry.deadline``, with
-    jittered backoff cut short when a new master is accepted, behind one circuit breaker per
-    service.
+    :func:`~veritas_resilience.redis.retry_unknown_outcome`); all within ``retry.deadline``
+    (which bounds the whole call, the first attempt included), with jittered backoff cut short
+    when a new master is accepted, behind one circuit breaker per service. A wrong password or
+    a data node listed as a Sentinel fails at once with a
+    :class:`~veritas_resilience.redis.RedisConfigurationError`.
 
     Args:
         sentinels: The Sentinels, as ``("host", port)`` pairs or ``"host:port"`` strings.
@@ -203,7 +209,8 @@ class SentinelRedis(redis.asyncio.Redis):
         ping_interval: Seconds of silence after which an event subscription is PINGed (no
             answer within ``sentinel_timeout`` counts as a lost subscription).
         subscribe: Subscribe to Sentinel events (on every Sentinel).
-        discover_sentinels: Add the Sentinels the others know of (``SENTINEL SENTINELS``).
+        discover_sentinels: Add the Sentinels the others know of (``SENTINEL SENTINELS``) for
+            events and health; only the configured ones vote on the master.
         verify_role: Check ``ROLE`` on every new data-node connection.
         connection_kwargs: More keyword arguments for data-node connections (``ssl_*``...).
         sentinel_kwargs: More keyword arguments for Sentinel connections.
@@ -377,6 +384,7 @@ class SentinelRedis(redis.asyncio.Redis):
             role=role,
             max_connections=max_connections,
             pool_timeout=timeout,
+            name=name,
             verify_role=verify_role,
             on_role_mismatch=on_role_mismatch,
             ssl=ssl,
@@ -406,6 +414,7 @@ class SentinelRedis(redis.asyncio.Redis):
             hooks=hooks,
             role=role,
             budget=retry_budget,
+            explain=self._explain,
         )
         self._guard.pool = pool
         self._attempt_guarded = self._guard.guarded(self._attempt)
@@ -465,7 +474,10 @@ class SentinelRedis(redis.asyncio.Redis):
         Raises:
             NoSentinelAvailableError: No Sentinel answered.
             UnknownServiceError: No Sentinel knows the service name.
-            NoMasterError: No confirmed master yet (master clients only).
+            NoMasterError: No confirmed master yet, or none a quorum of the configured Sentinels
+                backs (master clients only).
+            RedisConfigurationError: A Sentinel or data node refused the credentials, or a
+                listed Sentinel is not one.
         """
         topology = self._topology
         if not topology.started:
@@ -517,11 +529,18 @@ class SentinelRedis(redis.asyncio.Redis):
         pool = self.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            return await self._send_command_parse_response(  # type: ignore[no-untyped-call]
+            reply = await self._send_command_parse_response(  # type: ignore[no-untyped-call]
                 conn, args[0], *args, **options
             )
+            if conn._gen != pool.fence.gen:  # type: ignore[attr-defined]
+                raise _fenced(conn, args)
+            return reply
         except (rex.ReadOnlyError, rex.MasterDownError):
             conn.stale = True  # the node is not what we took it for
+            raise
+        except (rex.ConnectionError, rex.TimeoutError) as exc:
+            if conn.abandoned and not isinstance(exc, FencedReplyError):
+                raise _fenced(conn, args) from exc
             raise
         finally:
             await pool.release(conn)
@@ -531,7 +550,8 @@ class SentinelRedis(redis.asyncio.Redis):
         guard = self._guard
         started = self._now()
         try:
-            result = await self._attempt_guarded(args, options)
+            async with async_timeout(guard.deadline) as scope:
+                result = await self._attempt_guarded(args, options)
         except Exception as exc:
             try:
                 result = await guard.recover(
@@ -540,12 +560,20 @@ class SentinelRedis(redis.asyncio.Redis):
                     lambda: self._attempt_guarded(args, options),
                     command_name(args),
                     lambda: is_idempotent(args, self._extra_idempotent),
+                    scope,
                 )
             finally:
                 guard.observe(self._now() - started)
             return result
         guard.observe(self._now() - started)
         return result
+
+    def _explain(self) -> BaseException | None:
+        """Why no node could be reached, when discovery knows (for a call out of time)."""
+        error = self._topology.last_error
+        if isinstance(error, (NoSentinelAvailableError, RedisConfigurationError)):
+            return error.clone()
+        return None
 
     async def _settle(self, source: str, within: float) -> None:
         topology = self._topology
@@ -555,7 +583,7 @@ class SentinelRedis(redis.asyncio.Redis):
             try:
                 async with async_timeout(min(within, 2.0)):
                     await asyncio.shield(task)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the built-in one before Python 3.11
                 pass
 
     def _on_switch(self) -> None:
@@ -610,6 +638,7 @@ class SentinelRedis(redis.asyncio.Redis):
             snap.sentinels_up <= known // 2
             or (self._settings["subscribe"] and snap.subscriptions_up == 0)
             or snap.degraded
+            or snap.disagreeing
             or state is CircuitState.HALF_OPEN
             or (self._read_from is not ReadFrom.MASTER and not snap.replicas)
         ):
@@ -635,6 +664,7 @@ class SentinelRedis(redis.asyncio.Redis):
                 "subscriptions_up": snap.subscriptions_up,
                 "replicas": [fmt(r) for r in snap.replicas],
                 "last_switch_source": snap.last_switch_source,
+                "disagreeing_sentinels": [fmt(s) for s, _ in snap.disagreeing],
             },
         )
 
@@ -655,15 +685,16 @@ class SentinelRedis(redis.asyncio.Redis):
             NoSentinelAvailableError: No Sentinel answered.
             UnknownServiceError: No Sentinel knows the service.
             NoMasterError: The Sentinels name no usable master.
+            RedisConfigurationError: The credentials were refused, or a listed Sentinel is not
+                one.
         """
         topology = self._topology
         if not topology.started:
             await topology.start()
             return
         await topology.refresh("manual")
-        error = topology._last_error
-        if error is not None:
-            raise error
+        if topology.last_error is not None:
+            raise topology.no_master_error()
 
 
 class _Pipeline(redis.asyncio.client.Pipeline):
@@ -696,10 +727,11 @@ class _Pipeline(redis.asyncio.client.Pipeline):
             return await breaker.call(run, raise_on_error)
 
         try:
-            if breaker is None:
-                result = await run(raise_on_error)
-            else:
-                result = await breaker.call(run, raise_on_error)
+            async with async_timeout(guard.deadline) as scope:
+                if breaker is None:
+                    result = await run(raise_on_error)
+                else:
+                    result = await breaker.call(run, raise_on_error)
         except Exception as exc:
             try:
                 result = await guard.recover(
@@ -708,12 +740,47 @@ class _Pipeline(redis.asyncio.client.Pipeline):
                     attempt,
                     name,
                     lambda: all(is_idempotent(args, owner._extra_idempotent) for args, _ in stack),
+                    scope,
                 )
             finally:
                 guard.observe(owner._now() - started)
             return result
         guard.observe(owner._now() - started)
         return result
+
+    async def _execute_transaction(  # type: ignore[override]
+        self, connection: FencedConnection, commands: Any, raise_on_error: bool
+    ) -> Any:
+        return await _fenced_run(
+            connection, super()._execute_transaction(connection, commands, raise_on_error)
+        )
+
+    async def _execute_pipeline(  # type: ignore[override]
+        self, connection: FencedConnection, commands: Any, raise_on_error: bool
+    ) -> Any:
+        return await _fenced_run(
+            connection, super()._execute_pipeline(connection, commands, raise_on_error)
+        )
+
+
+def _fenced(conn: FencedConnection, args: Sequence[Any]) -> FencedReplyError:
+    return FencedReplyError(
+        f"{command_name(args) or 'PIPELINE'} was sent to {conn.host}:{conn.port} under "
+        f"generation {conn.generation}; the client has switched since: its reply does not count"
+    )
+
+
+async def _fenced_run(conn: FencedConnection, run: Awaitable[Any]) -> Any:
+    """Run a pipeline's round trip on ``conn``; a reply from a replaced master is not a success."""
+    try:
+        reply = await run
+    except (rex.ConnectionError, rex.TimeoutError) as exc:
+        if conn.abandoned and not isinstance(exc, FencedReplyError):
+            raise _fenced(conn, ()) from exc
+        raise
+    if conn.generation != conn._fence.gen:
+        raise _fenced(conn, ())
+    return reply
 
 
 class _PubSub(redis.asyncio.client.PubSub):

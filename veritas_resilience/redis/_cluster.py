@@ -34,8 +34,7 @@ from ..instrumentation.prometheus import HistogramValue
 from ..retry import RetryBudget
 from ._client import RedisHealth, _default_breaker
 from ._commands import command_name, is_idempotent, mark_unsent
-from ._compat import async_timeout
-from ._pool import DirectSendConnection
+from ._compat import DirectSendConnection, async_timeout
 from ._retry import CallGuard, RetryPolicy
 from ._topology import Address, describe, parse_address
 
@@ -255,7 +254,8 @@ class ClusterRedis(redis.asyncio.RedisCluster):
         # redis-py pops target_nodes from the keyword arguments: keep them for a retry.
         saved = dict(kwargs) if "target_nodes" in kwargs else kwargs
         try:
-            result = await self._attempt_guarded(args, kwargs)
+            async with async_timeout(guard.deadline) as scope:
+                result = await self._attempt_guarded(args, kwargs)
         except Exception as exc:
             try:
                 result = await guard.recover(
@@ -264,6 +264,7 @@ class ClusterRedis(redis.asyncio.RedisCluster):
                     lambda: self._attempt_guarded(args, dict(saved)),
                     command_name(args),
                     lambda: is_idempotent(args, self._extra_idempotent),
+                    scope,
                 )
             finally:
                 guard.observe(self._now() - started)
@@ -370,10 +371,11 @@ class _ClusterPipeline(ClusterPipeline):
 
         started = owner._now()
         try:
-            if breaker is None:
-                result = await run(raise_on_error, allow_redirections)
-            else:
-                result = await breaker.call(run, raise_on_error, allow_redirections)
+            async with async_timeout(guard.deadline) as scope:
+                if breaker is None:
+                    result = await run(raise_on_error, allow_redirections)
+                else:
+                    result = await breaker.call(run, raise_on_error, allow_redirections)
         except Exception as exc:
             try:
                 result = await guard.recover(
@@ -382,6 +384,7 @@ class _ClusterPipeline(ClusterPipeline):
                     attempt,
                     "PIPELINE",
                     lambda: all(is_idempotent(a, owner._extra_idempotent) for a, _ in queued),
+                    scope,
                 )
             finally:
                 guard.observe(owner._now() - started)

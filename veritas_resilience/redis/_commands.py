@@ -36,6 +36,7 @@ from ._errors import (
 __all__ = [
     "IDEMPOTENT_COMMANDS",
     "Failure",
+    "FencedReplyError",
     "RoleMismatchError",
     "StaleConnectionError",
     "classify",
@@ -43,6 +44,7 @@ __all__ = [
     "is_idempotent",
     "mark_unsent",
     "retry_unknown_outcome",
+    "was_unsent",
 ]
 
 # Commands that leave the same state and give the same reply when they run twice. Writes whose
@@ -164,7 +166,24 @@ class RoleMismatchError(rex.ConnectionError):
     Nothing was sent on it; the client looks the master up again and retries."""
 
 
+class FencedReplyError(rex.ConnectionError):
+    """A command was sent on a connection of an older master generation, and the client
+    switched before it got the reply: the reply (if any came) is the old master's, whose writes
+    a demotion discards, so it is never reported as a success. Internal: the caller gets
+    :class:`~veritas_resilience.redis.OutcomeUnknownError`, or a retry if the command is
+    idempotent."""
+
+
 _UNSENT = "_veritas_unsent"
+
+
+def was_unsent(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the cancellation a deadline turned into it) came before the command
+    left the client (internal)."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if error is not None and getattr(error, _UNSENT, False):
+            return True
+    return False
 
 
 def mark_unsent(exc: BaseException) -> BaseException:
@@ -181,6 +200,7 @@ class Failure:
     Attributes:
         reason: A bounded label: ``readonly``, ``loading``, ``masterdown``, ``tryagain``,
             ``clusterdown``, ``noreplicas``, ``unblocked``, ``stale_connection``,
+            ``fenced_reply``,
             ``role_mismatch``, ``no_master``, ``no_replica``, ``no_sentinel``, ``circuit_open``,
             ``connect``, ``connection``, ``timeout``.
         executed: ``False`` when the command certainly did not run; ``None`` when unknown.
@@ -241,6 +261,8 @@ def classify(exc: BaseException) -> Failure | None:
         return None
     if isinstance(exc, StaleConnectionError):
         return Failure("stale_connection", False, None, False)
+    if isinstance(exc, FencedReplyError):
+        return Failure("fenced_reply", None, None, False)
     if isinstance(exc, RoleMismatchError):
         return Failure("role_mismatch", False, "role_check", True)
     if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError, rex.MaxConnectionsError)):

@@ -22,6 +22,7 @@ __all__ = [
     "RedisMasterSwitched",
     "RedisPubSubReconnected",
     "RedisReplicasChanged",
+    "RedisSentinelDisagreement",
     "RedisSentinelStateChanged",
 ]
 
@@ -126,6 +127,44 @@ class RedisSentinelStateChanged(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RedisSentinelDisagreement(Event):
+    """Listed Sentinels name a master that no quorum of the configured Sentinels backs.
+
+    Typically a Sentinel that monitors another deployment under the same service name: the
+    client ignores it (it writes to the master the quorum names) and reports it here, in
+    ``health()`` (``details["disagreeing_sentinels"]``, status ``degraded``) and in the metric
+    ``veritas_redis_sentinel_disagreements_total``. Sent when the set of disagreeing Sentinels
+    changes.
+
+    Attributes:
+        service: The Sentinel service name.
+        master: The master the client uses, as ``host:port``, or None.
+        sentinels: The disagreeing Sentinels, as ``host:port``.
+        named: The master each of them names, in the same order.
+    """
+
+    kind: ClassVar[str] = "redis"
+    service: str
+    master: str | None
+    sentinels: tuple[str, ...]
+    named: tuple[str, ...]
+
+    def log_fields(self) -> tuple[str, str, dict[str, Any]]:
+        """Level, message and fields of the log line."""
+        return (
+            "warning",
+            "redis_sentinel_disagreement",
+            {
+                "client": self.name,
+                "service": self.service,
+                "master": self.master,
+                "sentinels": list(self.sentinels),
+                "named": list(self.named),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RedisReplicasChanged(Event):
     """The set of replicas fit for reads changed.
 
@@ -196,6 +235,7 @@ LOGGED_EVENTS.update(
         RedisSentinelStateChanged,
         RedisReplicasChanged,
         RedisPubSubReconnected,
+        RedisSentinelDisagreement,
     }
 )
 
@@ -254,6 +294,12 @@ define_metric(
     "counter",
     "Master lookups through the Sentinels, by result.",
     ("name", "result"),
+)
+define_metric(
+    "veritas_redis_sentinel_disagreements",
+    "counter",
+    "Times listed Sentinels were found naming a master no quorum of the configured ones backs.",
+    ("name",),
 )
 define_metric(
     "veritas_redis_replicas",

@@ -24,11 +24,11 @@ import redis.exceptions as rex
 from redis.event import AsyncAfterConnectionReleasedEvent
 
 from ._commands import RoleMismatchError, StaleConnectionError, mark_unsent
-from ._compat import async_timeout
-from ._topology import Address, Fence, role_problem
+from ._compat import DirectSendConnection
+from ._errors import PoolExhaustedError, RedisAuthenticationError
+from ._topology import Address, Fence, describe, role_problem
 
 __all__ = [
-    "DirectSendConnection",
     "FencedConnection",
     "FencedPool",
     "FencedSSLConnection",
@@ -48,58 +48,6 @@ Router = Callable[[], Awaitable[tuple[Address, int, Role]]]
 """Where a new connection goes: ``(address, generation, role expected there)``."""
 
 
-class DirectSendConnection(redis.asyncio.Connection):
-    """A ``redis.asyncio.Connection`` that writes without ``asyncio.wait_for`` (internal)."""
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        """Write a packed command (refused on a fenced connection, see :meth:`_may_send`).
-
-        Unlike redis-py, the write is not wrapped in ``asyncio.wait_for``: on Python 3.11 that
-        can swallow a cancellation arriving as the write completes (the caller's task then runs
-        on as if never cancelled), and it costs a task per command. The socket timeout applies
-        only when the write actually has to wait for the socket.
-        """
-        if not self.is_connected:
-            await self.connect_check_health(check_health=False)
-        if check_health and self.health_check_interval:
-            await self.check_health()  # type: ignore[no-untyped-call]
-        # No await between this check and the write: nothing can switch in between.
-        if not self._may_send():
-            await self._refuse()
-        writer = self._writer
-        assert writer is not None
-        try:
-            if isinstance(command, str):
-                command = command.encode()
-            if isinstance(command, bytes):
-                writer.write(command)
-            else:
-                writer.writelines(command)
-            if writer.transport.get_write_buffer_size() and self.socket_timeout:
-                async with async_timeout(self.socket_timeout):
-                    await writer.drain()
-            else:
-                await writer.drain()
-        except asyncio.TimeoutError:
-            await self.disconnect(nowait=True)
-            raise rex.TimeoutError("Timeout writing to socket") from None
-        except OSError as exc:
-            await self.disconnect(nowait=True)
-            raise rex.ConnectionError(
-                f"Error while writing to {self.host}:{self.port}: {exc}"
-            ) from exc
-        except BaseException:
-            # A command half written cannot be taken back: the connection is unusable.
-            await self.disconnect(nowait=True)
-            raise
-
-    def _may_send(self) -> bool:
-        return True
-
-    async def _refuse(self) -> None:
-        raise StaleConnectionError("the connection may not send")
-
-
 class FencedConnection(DirectSendConnection):
     """A connection tagged with the generation it was opened under (internal).
 
@@ -108,6 +56,7 @@ class FencedConnection(DirectSendConnection):
         router: Asked for the address at every dial.
         verify_role: Whether to run ``ROLE`` after connecting.
         on_role_mismatch: Called when ``ROLE`` says the node is not what the router expected.
+        owner: The client's name, for errors.
         **kwargs: For ``redis.asyncio.Connection``.
     """
 
@@ -118,16 +67,19 @@ class FencedConnection(DirectSendConnection):
         router: Router,
         verify_role: bool = True,
         on_role_mismatch: Callable[[], None] | None = None,
+        owner: str = "redis",
         **kwargs: Any,
     ) -> None:
         self._fence = fence
         self._router = router
         self._verify_role = verify_role
         self._on_role_mismatch = on_role_mismatch
+        self._owner = owner
         self._gen = -1
         self._want: Role = "master"
         self.stale = False  # set on a READONLY-like reply: close it when it comes back
         self.pubsub = False  # long-lived: interrupted on a switch, not just closed on release
+        self.abandoned = False  # cut loose at a switch: closed, not pooled, when it comes back
         kwargs["redis_connect_func"] = _after_connect
         super().__init__(**kwargs)
 
@@ -165,6 +117,14 @@ class FencedConnection(DirectSendConnection):
             await super().connect_check_health(
                 check_health=check_health, retry_socket_connect=False
             )
+        except rex.AuthenticationError as exc:
+            # Wrong credentials: no retry can fix it, say which ones.
+            raise RedisAuthenticationError(
+                name=self._owner,
+                role="data node",
+                node=f"{self.host}:{self.port}",
+                detail=describe(exc),
+            ) from exc
         except (rex.ConnectionError, rex.TimeoutError) as exc:
             mark_unsent(exc)
             raise
@@ -203,15 +163,18 @@ class FencedSSLConnection(FencedConnection, redis.asyncio.SSLConnection):
     """:class:`FencedConnection` over TLS."""
 
 
-def _expire(waiter: asyncio.Future[Any], timeout: float) -> None:
+def _expire(waiter: asyncio.Future[Any], name: str, size: int, timeout: float) -> None:
     if not waiter.done():
-        waiter.set_exception(
-            rex.MaxConnectionsError(f"no connection became free within {timeout:g}s")
-        )
+        waiter.set_exception(PoolExhaustedError(name=name, max_connections=size, waited=timeout))
 
 
 class FencedPool(redis.asyncio.ConnectionPool):
     """The pool of one client: fenced connections, waiting when all are in use (internal).
+
+    At a generation change, connections of older generations are closed if idle and
+    *abandoned* if in use: their sockets are cut at once (a command waiting on a frozen master
+    fails now instead of at its socket timeout), they stop counting against
+    ``max_connections``, and callers waiting for a connection get fresh ones for the new node.
 
     Args:
         fence: The generation counter of the role this pool serves.
@@ -219,7 +182,9 @@ class FencedPool(redis.asyncio.ConnectionPool):
         role: ``"master"`` or ``"replica"``.
         max_connections: Connections at most; further callers wait.
         pool_timeout: Seconds a caller waits for a free connection before
-            ``MaxConnectionsError``; None waits as long as it takes.
+            :class:`~veritas_resilience.redis.PoolExhaustedError`; None waits as long as it
+            takes.
+        name: The client's name, for errors.
         verify_role: Run ``ROLE`` on every new connection.
         on_role_mismatch: Called when a new connection finds the wrong role.
         ssl: Connect with TLS.
@@ -234,12 +199,14 @@ class FencedPool(redis.asyncio.ConnectionPool):
         role: Role,
         max_connections: int,
         pool_timeout: float | None,
+        name: str = "redis",
         verify_role: bool = True,
         on_role_mismatch: Callable[[], None] | None = None,
         ssl: bool = False,
         **connection_kwargs: Any,
     ) -> None:
         self.role = role
+        self.name = name
         self._fence = fence
         self._timeout = pool_timeout
         self._waiters: collections.deque[asyncio.Future[FencedConnection]] = collections.deque()
@@ -252,6 +219,7 @@ class FencedPool(redis.asyncio.ConnectionPool):
             router=router,
             verify_role=verify_role,
             on_role_mismatch=on_role_mismatch,
+            owner=name,
             **connection_kwargs,
         )
 
@@ -267,14 +235,22 @@ class FencedPool(redis.asyncio.ConnectionPool):
     async def get_connection(
         self, command_name: Any = None, *keys: Any, **options: Any
     ) -> FencedConnection:
-        """Take a connection, connected to the current node of this pool's role."""
+        """Take a connection, connected to the current node of this pool's role.
+
+        Whatever interrupts it (a connection error, the call's deadline) happened before the
+        command was sent, and is marked so.
+        """
         try:
             conn: FencedConnection = self._available_connections.pop()  # type: ignore[assignment]
         except IndexError:
             if len(self._in_use_connections) < self.max_connections:
                 conn = self.make_connection()  # type: ignore[no-untyped-call]
             else:
-                conn = await self._wait_for_connection()
+                try:
+                    conn = await self._wait_for_connection()
+                except BaseException as exc:
+                    mark_unsent(exc)
+                    raise
         self._in_use_connections.add(conn)
         try:
             if conn._gen != self._fence.gen and conn.is_connected:
@@ -283,8 +259,7 @@ class FencedPool(redis.asyncio.ConnectionPool):
             await self.ensure_connection(conn)
         except BaseException as exc:
             await self.release(conn)
-            if isinstance(exc, (rex.ConnectionError, rex.TimeoutError)):
-                mark_unsent(exc)
+            mark_unsent(exc)
             raise
         return conn
 
@@ -294,7 +269,9 @@ class FencedPool(redis.asyncio.ConnectionPool):
         self._waiters.append(waiter)
         timer = None
         if self._timeout is not None:
-            timer = loop.call_later(self._timeout, _expire, waiter, self._timeout)
+            timer = loop.call_later(
+                self._timeout, _expire, waiter, self.name, self.max_connections, self._timeout
+            )
         try:
             return await waiter
         except BaseException:
@@ -311,6 +288,12 @@ class FencedPool(redis.asyncio.ConnectionPool):
     async def release(self, connection: redis.asyncio.connection.AbstractConnection) -> None:
         """Give a connection back; one of an older generation (or marked stale) is closed."""
         conn: FencedConnection = connection  # type: ignore[assignment]
+        if conn.abandoned:
+            # Cut loose at a switch and no longer counted: just make sure it is closed.
+            conn.abandoned = False
+            if conn.is_connected:
+                await conn.disconnect(nowait=True)
+            return
         try:
             conn.pubsub = False
             if conn._gen != self._fence.gen or conn.stale:
@@ -338,10 +321,17 @@ class FencedPool(redis.asyncio.ConnectionPool):
             self._available_connections.append(conn)
 
     async def fence_changed(self) -> int:
-        """The generation moved: close idle connections of older ones, interrupt Pub/Sub ones.
+        """The generation moved: close idle connections of older ones, abandon in-use ones.
+
+        An in-use connection of an older generation gets its socket cut at once, whatever its
+        caller is waiting for: a reply that arrives on it now could only be the old master's,
+        and a frozen master would hold the caller (and the pool slot) until the socket timeout.
+        A Pub/Sub connection stays with its subscriber, which reconnects and resubscribes on
+        the new node; any other is dropped from the pool's count, and waiting callers get new
+        connections in its place. Nothing here awaits the old node.
 
         Returns:
-            How many idle connections were closed.
+            How many connections were closed or abandoned.
         """
         gen = self._fence.gen
         closed = 0
@@ -352,10 +342,22 @@ class FencedPool(redis.asyncio.ConnectionPool):
                 await c.disconnect(nowait=True)
         for conn in list(self._in_use_connections):
             c = conn  # type: ignore[assignment]
-            if c.pubsub and c.is_connected and c._gen != gen and c._writer is not None:
-                # A subscriber blocks in a read on the old node: cut the socket under it, and
-                # it reconnects (and resubscribes) to the new one.
-                c._writer.transport.abort()
+            if c._gen == gen or c._gen < 0:
+                continue  # current, or new and still asking the router where to go
+            writer = c._writer
+            if writer is not None:
+                writer.transport.abort()
+            if c.pubsub:
+                continue
+            c.abandoned = True
+            self._in_use_connections.discard(c)
+            closed += 1
+        while self._waiters and len(self._in_use_connections) < self.max_connections:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                fresh: FencedConnection = self.make_connection()  # type: ignore[no-untyped-call]
+                self._in_use_connections.add(fresh)
+                waiter.set_result(fresh)
         self.stale_closed += closed
         return closed
 

@@ -9,13 +9,16 @@ until the call's overall deadline.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import random
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import redis.exceptions as rex
 
 from .. import _hooks
 from .._clock import MONOTONIC, Clock
@@ -26,10 +29,19 @@ from ..errors import CircuitOpenError, RetryBudgetExhaustedError
 from ..events import Hook
 from ..instrumentation.prometheus import HistogramValue, cumulative_buckets
 from ..retry import RetryBudget
-from ._commands import Failure, classify, unknown_outcome_allowed
-from ._compat import async_timeout
-from ._errors import OutcomeUnknownError, RedisError, RedisUnavailableError
+from ._commands import Failure, classify, unknown_outcome_allowed, was_unsent
+from ._compat import async_timeout, expired
+from ._errors import (
+    NoSentinelAvailableError,
+    OutcomeUnknownError,
+    PoolExhaustedError,
+    RedisAuthenticationError,
+    RedisCircuitOpenError,
+    RedisError,
+    RedisUnavailableError,
+)
 from ._events import RedisCommandRetried
+from ._topology import describe
 
 __all__ = ["CallGuard", "RetryPolicy"]
 
@@ -125,6 +137,8 @@ class CallGuard(_hooks.Instrumented):
         budget: A :class:`~veritas_resilience.RetryBudget` shared with other callers of the
             dependency: every retry takes a token, and the call fails with
             :class:`~veritas_resilience.RetryBudgetExhaustedError` when there is none.
+        explain: Says why no node could be reached (e.g. the Sentinels' lookup error), for a
+            call whose deadline ran out before anything was sent; None when unknown.
     """
 
     def __init__(
@@ -141,8 +155,10 @@ class CallGuard(_hooks.Instrumented):
         hooks: Sequence[Hook] | None = None,
         role: str = "master",
         budget: RetryBudget | None = None,
+        explain: Callable[[], BaseException | None] | None = None,
     ) -> None:
         self._name = name
+        self._explain = explain
         self._role = role
         self._budget = budget
         self.policy = policy
@@ -206,6 +222,7 @@ class CallGuard(_hooks.Instrumented):
         attempt: Callable[[], Awaitable[T]],
         command: str,
         idempotent: Callable[[], bool],
+        scope: Any = None,
     ) -> T:
         """Retry a call whose first attempt raised ``exc``, or raise the right error.
 
@@ -215,29 +232,38 @@ class CallGuard(_hooks.Instrumented):
             attempt: Runs one more attempt.
             command: The command's name, for errors and events (never its arguments).
             idempotent: Says whether the call may run twice.
+            scope: The :func:`async_timeout` scope (of :attr:`deadline` seconds) the first
+                attempt ran in, so that its expiry is told apart from other timeouts.
 
         Raises:
-            OutcomeUnknownError: The connection broke after a command that is not idempotent
-                was sent.
+            OutcomeUnknownError: The connection broke (or the deadline ran out, or the client
+                switched masters) after a command that is not idempotent was sent.
             RedisUnavailableError: Attempts or deadline ran out (the last error is the cause).
-            CircuitOpenError: The breaker is open for longer than the deadline allows to wait.
+            NoSentinelAvailableError: The deadline ran out while no Sentinel answered.
+            RedisCircuitOpenError: The breaker is open for longer than the deadline allows to
+                wait.
+            RedisConfigurationError: A permanent misconfiguration (e.g. wrong credentials).
             Exception: Any error that is not retried (a server error about the command...), as
                 the attempt raised it.
         """
         attempts = 1
+        if scope is not None and isinstance(exc, asyncio.TimeoutError) and expired(scope):
+            raise await self._deadline_error(exc, started, command, idempotent, attempts)
         deadline = started + self._deadline
         while True:
             failure = classify(exc)
             if failure is not None and failure.reason == "readonly" and self._role == "replica":
                 failure = None
             if failure is None:
-                if isinstance(exc, RedisError):
-                    self._fail(exc)
-                raise exc
+                raise self._not_retried(exc)
             if failure.executed is None and not self._unknown_ok(idempotent):
                 raise self._fail(
                     OutcomeUnknownError(
-                        name=self._name, command=command, node=_node_of(exc), attempts=attempts
+                        name=self._name,
+                        command=command,
+                        node=_node_of(exc),
+                        attempts=attempts,
+                        reason="fenced_reply" if failure.reason == "fenced_reply" else "connection",
                     )
                 ) from exc
             generation = self._generation()
@@ -249,7 +275,7 @@ class CallGuard(_hooks.Instrumented):
                 raise self._give_up(exc, failure, command, attempts, now - started)
             if isinstance(exc, CircuitOpenError) and now + exc.retry_after > deadline:
                 if self._generation() == generation:
-                    raise self._fail(exc)
+                    raise self._fail(RedisCircuitOpenError.from_breaker(exc)) from exc
                 delay = 0.0
             delay = min(delay, deadline - now)
             if delay > 0:
@@ -275,34 +301,78 @@ class CallGuard(_hooks.Instrumented):
             if remaining <= 0:
                 raise self._give_up(exc, failure, command, attempts - 1, self.now() - started)
             try:
-                async with async_timeout(remaining) as scope:
+                async with async_timeout(remaining) as retry_scope:
                     return await attempt()
             except Exception as next_exc:
-                if isinstance(next_exc, TimeoutError) and scope.expired():
-                    # The deadline cut this attempt short: it may have been sent.
-                    if not self._unknown_ok(idempotent):
-                        raise self._fail(
-                            OutcomeUnknownError(
-                                name=self._name,
-                                command=command,
-                                node=_node_of(exc),
-                                attempts=attempts,
-                            )
-                        ) from next_exc
-                    raise self._give_up(
-                        next_exc,
-                        Failure("timeout", None, None, True),
-                        command,
-                        attempts,
-                        self.now() - started,
+                if isinstance(next_exc, asyncio.TimeoutError) and expired(retry_scope):
+                    raise await self._deadline_error(
+                        next_exc, started, command, idempotent, attempts
                     ) from next_exc
                 exc = next_exc
+
+    def _not_retried(self, exc: Exception) -> BaseException:
+        """The error for a failure that is not retried: a driver error that stands for one of
+        ours is mapped to it, a server error about the command is left as it is."""
+        if isinstance(exc, RedisError):
+            return self._fail(exc)
+        if isinstance(exc, CircuitOpenError):
+            return self._fail(RedisCircuitOpenError.from_breaker(exc))
+        error: RedisError
+        if isinstance(exc, rex.AuthenticationError):
+            error = RedisAuthenticationError(
+                name=self._name,
+                role="data node",
+                node=_node_of(exc) or "a data node",
+                detail=describe(exc),
+            )
+        elif isinstance(exc, rex.MaxConnectionsError):
+            error = PoolExhaustedError(name=self._name, max_connections=None, waited=0.0)
+        else:
+            return exc
+        error.__cause__ = exc
+        return self._fail(error)
+
+    async def _deadline_error(
+        self,
+        exc: BaseException,
+        started: float,
+        command: str,
+        idempotent: Callable[[], bool],
+        attempts: int,
+    ) -> BaseException:
+        """The error for a call whose deadline cut an attempt short."""
+        elapsed = self.now() - started
+        if not was_unsent(exc):
+            # It was sent and no reply came in time: the node may be stalled, look again.
+            if self._settle is not None:
+                await self._settle("connection_error", 0.0)
+            if not self._unknown_ok(idempotent):
+                error: BaseException = OutcomeUnknownError(
+                    name=self._name,
+                    command=command,
+                    node=None,
+                    attempts=attempts,
+                    reason="deadline",
+                )
+                error.__cause__ = exc
+                return self._fail(error)
+        elif self._explain is not None:
+            explained = self._explain()
+            if explained is not None:
+                explained.__cause__ = exc
+                return self._fail(explained)
+        return self._give_up(
+            exc, Failure("deadline", None, None, False), command, attempts, elapsed
+        )
 
     def _unknown_ok(self, idempotent: Callable[[], bool]) -> bool:
         return self.policy.retry_unknown_outcome or unknown_outcome_allowed() or idempotent()
 
     def _delay(self, failure: Failure, attempts: int, exc: BaseException, generation: int) -> float:
-        if failure.reason == "stale_connection" or self._generation() != generation:
+        if (
+            failure.reason in ("stale_connection", "fenced_reply")
+            or self._generation() != generation
+        ):
             return 0.0  # a new master is already known: go now
         if isinstance(exc, CircuitOpenError):
             return max(exc.retry_after, self.policy.backoff(attempts, self._rng))
@@ -311,6 +381,11 @@ class CallGuard(_hooks.Instrumented):
     def _give_up(
         self, exc: BaseException, failure: Failure, command: str, attempts: int, elapsed: float
     ) -> BaseException:
+        if isinstance(exc, NoSentinelAvailableError):
+            # More precise than "unavailable": nothing could even say where the master is.
+            unreachable = exc.clone()
+            unreachable.__cause__ = exc
+            return self._fail(unreachable)
         error = RedisUnavailableError(
             name=self._name,
             command=command,

@@ -32,8 +32,7 @@ import itertools
 import math
 import random
 import weakref
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -47,21 +46,32 @@ from .._clock import MONOTONIC, Clock
 from .._redact import redact
 from ..events import Hook
 from ..instrumentation.prometheus import HistogramValue, cumulative_buckets
-from ._compat import async_timeout
-from ._errors import NoMasterError, NoReplicaError, NoSentinelAvailableError, UnknownServiceError
+from ._compat import DirectSendConnection, async_timeout
+from ._errors import (
+    NoMasterError,
+    NoReplicaError,
+    NoSentinelAvailableError,
+    NotASentinelError,
+    RedisAuthenticationError,
+    RedisConfigurationError,
+    UnknownServiceError,
+)
 from ._events import (
     RedisMasterLost,
     RedisMasterSwitched,
     RedisReplicasChanged,
+    RedisSentinelDisagreement,
     RedisSentinelStateChanged,
 )
 
 __all__ = [
     "Address",
+    "Election",
     "Fence",
     "SentinelAnswer",
     "SentinelTopology",
     "choose_master",
+    "elect_master",
     "failover_leader",
     "fmt",
 ]
@@ -87,6 +97,10 @@ _MIN_LOOKUP_GAP = 0.1
 # answering: past this the master it was failing over is trusted again (if ROLE says master).
 _FAILOVER_HOLD = 10.0
 _REPLICA_CHECK = 1.0
+# How long aclose() waits for its background tasks to end; each is cancelled again every
+# _CLOSE_STEP seconds meanwhile (a cancellation swallowed by a driver's wait_for is repeated).
+_CLOSE_WAIT = 2.0
+_CLOSE_STEP = 0.05
 
 
 def fmt(address: Address | None) -> str | None:
@@ -153,28 +167,90 @@ class SentinelAnswer:
     record: Address | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Election:
+    """Which masters the Sentinels' answers support (see :func:`elect_master`).
+
+    Attributes:
+        candidates: ``(address, epoch)`` of every master backed by a quorum, best first.
+        disagreeing: ``(sentinel, the master it names)`` for each answer naming a master that no
+            quorum backs, while another one is backed: a Sentinel that monitors something else
+            under the same name. Empty when nothing is backed (then it is a lack of quorum).
+        named: Whether any answer names a master at all.
+    """
+
+    candidates: tuple[tuple[Address, int], ...]
+    disagreeing: tuple[tuple[Address, Address], ...]
+    named: bool
+
+
+def elect_master(
+    answers: Sequence[SentinelAnswer],
+    current: Address | None = None,
+    *,
+    voters: Collection[Address] | None = None,
+    quorum: int = 1,
+) -> Election:
+    """Rank the masters the Sentinels name, keeping only those a quorum of ``voters`` backs.
+
+    A voter backs an address when it names it as the master or knows it as one of the
+    service's replicas: right after a failover the leader names the promoted replica while the
+    others still name the old master but know the new one as its replica, so a real switch is
+    backed at once, while the master of another deployment under the same service name is not
+    known to any of them. Among the backed masters the highest config epoch wins (an epoch only
+    grows through an elected failover, so a stale Sentinel cannot outvote the newest
+    configuration), then the most Sentinels naming it, then ``current``.
+
+    Args:
+        answers: What each Sentinel said.
+        current: The master in use now.
+        voters: The Sentinels whose answers count (the configured ones); None: every answer.
+        quorum: Voters that must back a master.
+    """
+    known = [a for a in answers if a.master is not None]
+    voting = [a for a in known if voters is None or a.sentinel in voters]
+
+    def backing(address: Address) -> int:
+        return sum(
+            1 for a in voting if a.master == address or any(r[0] == address for r in a.replicas)
+        )
+
+    ranked: list[tuple[int, int, bool, Address]] = []
+    for address in {a.master for a in known if a.master is not None}:
+        if backing(address) < quorum:
+            continue
+        namers = [a for a in known if a.master == address]
+        ranked.append((-max(a.epoch for a in namers), -len(namers), address != current, address))
+    ranked.sort()
+    backed = {r[3] for r in ranked}
+    disagreeing: tuple[tuple[Address, Address], ...] = ()
+    if backed:
+        disagreeing = tuple(
+            sorted(
+                (a.sentinel, a.master)
+                for a in known
+                if a.master is not None and a.master not in backed
+            )
+        )
+    return Election(
+        candidates=tuple((r[3], -r[0]) for r in ranked),
+        disagreeing=disagreeing,
+        named=bool(known),
+    )
+
+
 def choose_master(
     answers: Sequence[SentinelAnswer], current: Address | None = None
 ) -> tuple[Address, int] | None:
     """Pick the master the Sentinels name: highest config epoch first, then most votes.
 
-    A Sentinel's config epoch only grows through an elected failover, so the highest one is the
-    most recent configuration: a stale Sentinel cannot outvote it. Among answers with that epoch
-    (normally all agree), the address most of them name wins, and a tie keeps ``current``.
+    :func:`elect_master` with every answer counting and a quorum of one.
 
     Returns:
         ``(address, epoch)``, or None when no answer names a master.
     """
-    known = [a for a in answers if a.master is not None]
-    if not known:
-        return None
-    best = max(a.epoch for a in known)
-    votes = Counter(a.master for a in known if a.epoch == best)
-    top = max(votes.values())
-    winners = [addr for addr, n in votes.items() if n == top]
-    choice = current if current in winners else sorted(w for w in winners if w is not None)[0]
-    assert choice is not None
-    return choice, best
+    election = elect_master(answers, current)
+    return election.candidates[0] if election.candidates else None
 
 
 def failover_leader(answers: Sequence[SentinelAnswer], candidate: Address) -> Address | None:
@@ -268,11 +344,12 @@ def describe(exc: BaseException) -> str:
 
 
 class _SentinelNode:
-    __slots__ = ("address", "client", "error", "subscribed", "task", "up")
+    __slots__ = ("address", "client", "error", "events", "subscribed", "task", "up")
 
     def __init__(self, address: Address) -> None:
         self.address = address
         self.client: redis.asyncio.Redis | None = None
+        self.events: DirectSendConnection | None = None
         self.up: bool | None = None
         self.error: str | None = None
         self.subscribed = False
@@ -295,6 +372,7 @@ class TopologySnapshot:
     last_switch_source: str | None
     last_error: str | None
     switches: dict[str, int]
+    disagreeing: tuple[tuple[Address, Address], ...] = ()
 
 
 class SentinelTopology(_hooks.Instrumented):
@@ -324,6 +402,10 @@ class SentinelTopology(_hooks.Instrumented):
         self._name = name
         self.service = service_name
         self._seeds = list(dict.fromkeys(sentinels))
+        # Only the configured Sentinels vote, and a master needs a majority of them: a
+        # discovered or misconfigured one can report, not decide.
+        self._voters = frozenset(self._seeds)
+        self.quorum = len(self._seeds) // 2 + 1
         rng = rng or random.Random()
         self._rng = rng
         order = list(self._seeds)
@@ -367,6 +449,8 @@ class SentinelTopology(_hooks.Instrumented):
         self._unwritable_since: float | None = None
         self._last_switch_source: str | None = None
         self._hold: tuple[Address, Address, float] | None = None
+        self._disagreeing: tuple[tuple[Address, Address], ...] = ()
+        self._disagreements = 0
 
         self._switches: dict[str, int] = dict.fromkeys(_SWITCH_SOURCES, 0)
         self._lookups: dict[str, int] = dict.fromkeys(_LOOKUP_RESULTS, 0)
@@ -388,6 +472,7 @@ class SentinelTopology(_hooks.Instrumented):
         self._w_lost = hooks.wants(RedisMasterLost)
         self._w_sentinel = hooks.wants(RedisSentinelStateChanged)
         self._w_replicas = hooks.wants(RedisReplicasChanged)
+        self._w_disagree = hooks.wants(RedisSentinelDisagreement)
 
     # -- users ----------------------------------------------------------------------------------
 
@@ -470,16 +555,29 @@ class SentinelTopology(_hooks.Instrumented):
             node.task = self._spawn(self._subscribe_loop(node), f"events-{fmt(node.address)}")
 
     async def aclose(self) -> None:
-        """Stop every background task and close the connections to the Sentinels."""
+        """Stop every background task and close the connections to the Sentinels.
+
+        Returns within about two seconds whatever the tasks were doing: each is cancelled again
+        until it ends (a driver's ``asyncio.wait_for`` can swallow one cancellation on Python
+        3.11), the loops check :attr:`closing`, and a task still running after that is left to
+        finish by itself (it stops at its next check).
+        """
         self._closing = True
         self._started = False
         tasks = list(self._tasks)
         if self._lookup_task is not None:
             tasks.append(self._lookup_task)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        for node in self._nodes.values():
+            conn = node.events
+            if conn is not None and conn._writer is not None:
+                conn._writer.transport.abort()  # the subscription's read ends now
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _CLOSE_WAIT
+        pending = {t for t in tasks if not t.done()}
+        while pending and loop.time() < until:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_CLOSE_STEP)
         self._tasks.clear()
         self._lookup_task = None
         for node in self._nodes.values():
@@ -488,15 +586,24 @@ class SentinelTopology(_hooks.Instrumented):
             if node.client is not None:
                 client, node.client = node.client, None
                 with contextlib.suppress(Exception):
-                    await client.aclose()
+                    async with async_timeout(self._timeout):
+                        await client.aclose()
 
     # -- what clients ask -----------------------------------------------------------------------
 
+    @property
+    def last_error(self) -> BaseException | None:
+        """What the last lookup failed with (None when it succeeded)."""
+        return self._last_error
+
     def no_master_error(self) -> NoMasterError:
-        """The error that says why there is no master now."""
+        """The error that says why there is no master now (a copy for each caller)."""
         error = self._last_error
-        if isinstance(error, (NoMasterError, NoSentinelAvailableError, UnknownServiceError)):
-            return error  # type: ignore[return-value]
+        if isinstance(
+            error,
+            (NoMasterError, NoSentinelAvailableError, UnknownServiceError, RedisConfigurationError),
+        ):
+            return error.clone()  # type: ignore[return-value]
         return NoMasterError(
             name=self._name, service=self.service, reason="no master confirmed yet"
         )
@@ -613,7 +720,12 @@ class SentinelTopology(_hooks.Instrumented):
                 try:
                     await self._lookup(source)
                     self._last_error = None
-                except (NoMasterError, NoSentinelAvailableError, UnknownServiceError) as exc:
+                except (
+                    NoMasterError,
+                    NoSentinelAvailableError,
+                    UnknownServiceError,
+                    RedisConfigurationError,
+                ) as exc:
                     self._last_error = exc
                 finally:
                     self._last_lookup_end = self._now()
@@ -663,6 +775,10 @@ class SentinelTopology(_hooks.Instrumented):
         try:
             async with async_timeout(self._timeout * 2):
                 reply = await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        except rex.AuthenticationError as exc:
+            raise RedisAuthenticationError(
+                name=self._name, role="data node", node=fmt(address) or "", detail=describe(exc)
+            ) from exc
         except (rex.RedisError, OSError) as exc:
             return f"it does not answer ROLE ({describe(exc)})"
         finally:
@@ -675,6 +791,7 @@ class SentinelTopology(_hooks.Instrumented):
         results = await asyncio.gather(*(self._ask(n) for n in nodes), return_exceptions=True)
         answers: list[SentinelAnswer] = []
         errors: list[str] = []
+        refusals: list[tuple[_SentinelNode, BaseException]] = []
         for node, result in zip(nodes, results):
             if isinstance(result, SentinelAnswer):
                 answers.append(result)
@@ -682,27 +799,44 @@ class SentinelTopology(_hooks.Instrumented):
             else:
                 if isinstance(result, BaseException) and not isinstance(result, Exception):
                     raise result
+                if _is_misconfiguration(result):
+                    refusals.append((node, result))
                 text = describe(result)
                 errors.append(text)
                 self._set_sentinel(node, up=False, what="lookup", error=text)
         if not answers:
             self._lookups["no_sentinel"] += 1
             self._fast_until = self._now() + self._poll
+            if refusals:
+                # Not an outage: the client is set up wrong, and retrying will not fix it.
+                raise self._misconfiguration(*refusals[0])
             raise NoSentinelAvailableError(
                 name=self._name, sentinels=[fmt(n.address) or "" for n in nodes], errors=errors
             )
         if len(answers) < len(nodes):
             self._fast_until = self._now() + self._poll
-        self._learn_sentinels(answers)
-        chosen = choose_master(answers, self.master)
-        if chosen is None:
+        election = elect_master(answers, self.master, voters=self._voters, quorum=self.quorum)
+        if not election.named:
             self._lookups["unknown_service"] += 1
             raise UnknownServiceError(
                 name=self._name,
                 service=self.service,
                 sentinels=[fmt(a.sentinel) or "" for a in answers],
             )
-        candidate, epoch = chosen
+        self._note_disagreement(election.disagreeing)
+        if not election.candidates:
+            # Without a quorum nothing is learnt: the current master (if any) stays in use.
+            self._lookups["no_master"] += 1
+            voted = sum(1 for a in answers if a.sentinel in self._voters)
+            raise NoMasterError(
+                name=self._name,
+                service=self.service,
+                reason=(
+                    f"no master is backed by a quorum of {self.quorum} of the "
+                    f"{len(self._voters)} configured Sentinels ({voted} answered)"
+                ),
+            )
+        candidate, epoch = election.candidates[0]
         if self._holding(answers, candidate):
             self._lookups["no_master"] += 1
             reason = "a failover is under way: writes wait for the promoted replica"
@@ -719,6 +853,13 @@ class SentinelTopology(_hooks.Instrumented):
         if check:
             self._suspect = False
             problem = await self._probe(candidate, "master")
+            for other, other_epoch in election.candidates[1:]:
+                if problem is None:
+                    break
+                # The best-ranked master is not one; another that a quorum names may be.
+                named = sum(1 for a in answers if a.master == other and a.sentinel in self._voters)
+                if named >= self.quorum and await self._probe(other, "master") is None:
+                    candidate, epoch, problem = other, other_epoch, None
             if problem is not None:
                 self._lookups["no_master"] += 1
                 await self._lose_master(candidate, problem)
@@ -727,10 +868,41 @@ class SentinelTopology(_hooks.Instrumented):
                 )
         self._lookups["ok"] += 1
         self.epoch = epoch
+        agreeing = [a for a in answers if a.master == candidate]
+        self._learn_sentinels(agreeing)
         if candidate != self.master:
             await self._switch(candidate, source)
         self._end_outage()
-        await self._refresh_replicas(answers)
+        await self._refresh_replicas(agreeing)
+
+    def _misconfiguration(self, node: _SentinelNode, exc: BaseException) -> RedisConfigurationError:
+        where = fmt(node.address) or ""
+        if isinstance(exc, rex.AuthenticationError):
+            error: RedisConfigurationError = RedisAuthenticationError(
+                name=self._name, role="Sentinel", node=where, detail=describe(exc)
+            )
+        else:
+            error = NotASentinelError(name=self._name, node=where, detail=describe(exc))
+        error.__cause__ = exc
+        return error
+
+    def _note_disagreement(self, pairs: tuple[tuple[Address, Address], ...]) -> None:
+        if pairs == self._disagreeing:
+            return
+        self._disagreeing = pairs
+        if not pairs:
+            return
+        self._disagreements += 1
+        if self._w_disagree:
+            self._emit(
+                RedisSentinelDisagreement(
+                    name=self._name,
+                    service=self.service,
+                    master=fmt(self.master),
+                    sentinels=tuple(fmt(s) or "" for s, _ in pairs),
+                    named=tuple(fmt(m) or "" for _, m in pairs),
+                )
+            )
 
     def _holding(self, answers: Sequence[SentinelAnswer], candidate: Address) -> bool:
         """Whether writes to ``candidate`` must wait because it is being failed over.
@@ -913,7 +1085,8 @@ class SentinelTopology(_hooks.Instrumented):
     async def _subscribe_loop(self, node: _SentinelNode) -> None:
         delay = 0.05
         while not self._closing:
-            conn = redis.asyncio.Connection(
+            # Writes without asyncio.wait_for, which can swallow the cancellation of aclose().
+            conn = node.events = DirectSendConnection(
                 host=node.address[0],
                 port=node.address[1],
                 socket_timeout=self._timeout,
@@ -940,6 +1113,7 @@ class SentinelTopology(_hooks.Instrumented):
                 self._set_sentinel(node, up=False, what="subscription", error=describe(exc))
             finally:
                 node.subscribed = False
+                node.events = None
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
             if self.closing:
@@ -949,7 +1123,7 @@ class SentinelTopology(_hooks.Instrumented):
 
     async def _read_events(self, conn: redis.asyncio.Connection) -> None:
         ping_sent: float | None = None
-        while True:
+        while not self._closing:
             timeout = self._ping_interval if ping_sent is None else self._timeout
             message = await conn.read_response(
                 timeout=timeout, disconnect_on_error=False, push_request=True
@@ -1009,6 +1183,7 @@ class SentinelTopology(_hooks.Instrumented):
             last_switch_source=self._last_switch_source,
             last_error=None if self._last_error is None else describe(self._last_error),
             switches=dict(self._switches),
+            disagreeing=self._disagreeing,
         )
 
     def sentinel_states(self) -> Iterator[tuple[Address, bool | None, bool, str | None]]:
@@ -1041,6 +1216,7 @@ class SentinelTopology(_hooks.Instrumented):
             HistogramValue(cumulative_buckets(OUTAGE_BUCKETS, self._outage_hist), self._outage_sum),
         )
         yield "veritas_redis_replicas", (name,), float(len(self.replicas))
+        yield "veritas_redis_sentinel_disagreements", (name,), float(self._disagreements)
 
     def __repr__(self) -> str:
         return (
@@ -1063,6 +1239,18 @@ def role_problem(reply: Any, want: Role) -> str | None:
     if state != "connected":
         return f"its link to the master is {state or 'down'}"
     return None
+
+
+def _is_misconfiguration(exc: object) -> bool:
+    """Whether a Sentinel's failure is one no retry can fix: it refused the credentials, or it
+    is not a Sentinel at all (a data node answers ``unknown command 'SENTINEL'``)."""
+    if isinstance(exc, rex.AuthenticationError):
+        return True
+    return (
+        isinstance(exc, rex.ResponseError)
+        and "unknown command" in str(exc).lower()
+        and "sentinel" in str(exc).lower()
+    )
 
 
 def _bucket(bounds: Sequence[float], value: float) -> int:

@@ -10,31 +10,30 @@ thread-safe and has taken effect when it returns::
         proxy.freeze()              # the next query hangs: bytes are held, nothing is closed
         ...
         proxy.heal()                # held bytes flow again
+
+It is a face of the chaos package's proxy engine (:mod:`veritas_resilience.chaos`): the same
+forwarding serves :class:`~veritas_resilience.chaos.ProxyServer`, and Toxiproxy's toxics can be
+added here too (:meth:`FaultProxy.add_toxic`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
+import random
 import socket
-import struct
-import threading
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
+
+from ..chaos._proxy import Stream, Toxic, _LoopThread, _Proxy, _Trigger
 
 __all__ = ["FaultProxy", "FaultProxyFactory"]
 
 Direction = Literal["both", "to_server", "to_client"]
-_T = TypeVar("_T")
-_CHUNK = 65536
-_QUEUE_CHUNKS = 64  # per direction; past this the proxy stops reading and TCP pushes back
-
-
-def _close_socket(sock: socket.socket, _: object) -> None:
-    sock.close()
+_STREAMS: dict[str, tuple[Stream, ...]] = {
+    "both": ("upstream", "downstream"),
+    "to_server": ("upstream",),
+    "to_client": ("downstream",),
+}
 
 
 class FaultProxyFactory(Protocol):
@@ -43,25 +42,6 @@ class FaultProxyFactory(Protocol):
     def __call__(self, target_host: str, target_port: int, **kwargs: Any) -> FaultProxy:
         """Start and return a proxy; ``kwargs`` go to :class:`FaultProxy`."""
         ...
-
-
-@dataclass(eq=False)
-class _Trigger:
-    match: bytes | Callable[[bytes], bool]
-    action: Literal["cut", "drop"]
-    once: bool
-    reset: bool = False
-    reply_timeout: float = 0.0
-
-
-@dataclass(eq=False)
-class _Conn:
-    client: asyncio.StreamWriter
-    upstream: asyncio.StreamWriter | None = None
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    swallowing: _Trigger | None = None  # set once a trigger fired: drop the reply, then close
-    dropping: bool = False  # a drop trigger fired: the connection is dead but stays open
-    tail: bytes = b""  # end of the previous client chunk, to match across chunk boundaries
 
 
 class FaultProxy:
@@ -103,32 +83,47 @@ class FaultProxy:
         port: int = 0,
         connect_timeout: float = 5.0,
     ) -> None:
-        self._target = (target_host, target_port)
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
         self.connect_timeout = connect_timeout
-        self.connections_total = 0
-        self.bytes_to_server = 0
-        self.bytes_to_client = 0
-        self.triggers_fired = 0
-        self._delay = {"to_server": 0.0, "to_client": 0.0}
-        self._blackhole = False
-        self._trigger: _Trigger | None = None
-        self._conns: set[_Conn] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._closed = False
-        self._listener: socket.socket | None = socket.create_server((host, port), backlog=128)
-        self._listener.setblocking(False)
-        sockname = self._listener.getsockname()
+        listener = socket.create_server((host, port), backlog=128)
+        sockname = listener.getsockname()
         self._host: str = sockname[0]
         self._port: int = sockname[1]
-        self._loop = asyncio.new_event_loop()
-        self._flowing: asyncio.Event | None = None  # made on the proxy's loop; set = not frozen
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name=f"FaultProxy-{self._port}", daemon=True
+        self._thread = _LoopThread(name=f"FaultProxy-{self._port}")
+        self._proxy = _Proxy(
+            f"fault-proxy-{self._port}",
+            listener,
+            (target_host, target_port),
+            self._thread.loop,
+            rng=random.Random(),
+            connect_timeout=connect_timeout,
         )
-        self._thread.start()
-        ready.wait()
-        self._call(self._start)
+
+        async def start() -> None:
+            self._proxy.start_listening()
+
+        self._call(start)
+
+    @property
+    def connections_total(self) -> int:
+        """Client connections accepted so far (blackholed ones included)."""
+        return self._proxy.connections_total
+
+    @property
+    def bytes_to_server(self) -> int:
+        """Bytes forwarded from clients to the server."""
+        return self._proxy.bytes_to_server
+
+    @property
+    def bytes_to_client(self) -> int:
+        """Bytes forwarded from the server to clients."""
+        return self._proxy.bytes_to_client
+
+    @property
+    def triggers_fired(self) -> int:
+        """Connections cut or killed by a message trigger so far."""
+        return self._proxy.triggers_fired
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -150,12 +145,12 @@ class FaultProxy:
     @property
     def target(self) -> tuple[str, int]:
         """``(host, port)`` new connections are forwarded to."""
-        return self._target
+        return self._proxy.target
 
     @property
     def active_connections(self) -> int:
         """Client connections open right now."""
-        return len(self._conns)
+        return len(self._proxy.conns)
 
     def delay(self, seconds: float, direction: Direction = "both") -> None:
         """Hold every chunk read from now on for ``seconds`` before forwarding it.
@@ -173,10 +168,14 @@ class FaultProxy:
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
 
+        if direction not in _STREAMS:
+            raise ValueError(
+                f"direction must be 'both', 'to_server' or 'to_client', got {direction!r}"
+            )
+
         async def apply() -> None:
-            for key in ("to_server", "to_client"):
-                if direction in ("both", key):
-                    self._delay[key] = float(seconds)
+            for stream in _STREAMS[direction]:
+                self._proxy.delay[stream] = float(seconds)
 
         self._call(apply)
 
@@ -188,8 +187,7 @@ class FaultProxy:
         """
 
         async def apply() -> None:
-            assert self._flowing is not None
-            self._flowing.clear()
+            self._proxy.flowing.clear()
 
         self._call(apply)
 
@@ -197,18 +195,17 @@ class FaultProxy:
         """Release what :meth:`freeze` held; bytes flow again, in order."""
 
         async def apply() -> None:
-            assert self._flowing is not None
-            self._flowing.set()
+            self._proxy.flowing.set()
 
         self._call(apply)
 
     def cut(self) -> None:
         """Close every open connection, on both sides, at once (the proxy keeps listening)."""
-        self._call(lambda: self._close_all(reset=False))
+        self._call(lambda: self._proxy.close_all(reset=False))
 
     def reset(self) -> None:
         """Abort every open connection with a TCP RST (``SO_LINGER`` 0), on both sides."""
-        self._call(lambda: self._close_all(reset=True))
+        self._call(lambda: self._proxy.close_all(reset=True))
 
     def blackhole(self) -> None:
         """Accept new connections but never connect them to the server nor answer them.
@@ -220,7 +217,7 @@ class FaultProxy:
         """
 
         async def apply() -> None:
-            self._blackhole = True
+            self._proxy.blackholed = True
 
         self._call(apply)
 
@@ -230,13 +227,17 @@ class FaultProxy:
         Open connections are not affected. The port is kept and listened on again by
         :meth:`heal`.
         """
-        self._call(self._stop_listening)
+
+        async def apply() -> None:
+            self._proxy.stop_listening()
+
+        self._call(apply)
 
     def retarget(self, host: str, port: int) -> None:
         """Forward new connections to ``host:port``; open connections keep their server."""
 
         async def apply() -> None:
-            self._target = (host, port)
+            self._proxy.target = (host, port)
 
         self._call(apply)
 
@@ -275,7 +276,7 @@ class FaultProxy:
         )
 
         async def apply() -> None:
-            self._trigger = trigger
+            self._proxy.trigger = trigger
 
         self._call(apply)
 
@@ -299,7 +300,7 @@ class FaultProxy:
         trigger = _Trigger(match=match, action="drop", once=once)
 
         async def apply() -> None:
-            self._trigger = trigger
+            self._proxy.trigger = trigger
 
         self._call(apply)
 
@@ -308,21 +309,42 @@ class FaultProxy:
 
         The target set by :meth:`retarget` is kept; connections already closed stay closed.
         """
-        self._call(self._heal)
+
+        async def apply() -> None:
+            self._proxy.heal()
+
+        self._call(apply)
+
+    def add_toxic(self, toxic: Toxic) -> None:
+        """Add one of Toxiproxy's toxics (see :class:`~veritas_resilience.chaos.Toxic`).
+
+        It applies to open and new connections at once, next to the faults set by the other
+        methods, until :meth:`remove_toxic` (``heal()`` leaves toxics alone).
+
+        Raises:
+            veritas_resilience.chaos.ProxyError: If a toxic of that name is already there.
+        """
+
+        async def apply() -> None:
+            self._proxy.add_toxic(toxic)
+
+        self._call(apply)
+
+    def remove_toxic(self, name: str) -> None:
+        """Remove a toxic added by :meth:`add_toxic`.
+
+        Raises:
+            veritas_resilience.chaos.ProxyError: If there is no toxic of that name.
+        """
+
+        async def apply() -> None:
+            self._proxy.remove_toxic(name)
+
+        self._call(apply)
 
     def close(self) -> None:
         """Close every connection and the listener and stop the proxy's thread. Idempotent."""
-        if self._closed:
-            return
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("FaultProxy.close() cannot be called from the proxy's own thread")
-        self._closed = True
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._thread.close(self._proxy.shutdown, "FaultProxy")
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -337,212 +359,9 @@ class FaultProxy:
 
     def __repr__(self) -> str:
         return (
-            f"<FaultProxy {self._host}:{self._port} -> {self._target[0]}:{self._target[1]}"
+            f"<FaultProxy {self._host}:{self._port} -> {self.target[0]}:{self.target[1]}"
             f" active={self.active_connections}>"
         )
 
-    # -- the proxy's thread ---------------------------------------------------------------------
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.call_soon(ready.set)
-        try:
-            self._loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-
-    def _call(self, op: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        if self._closed:
-            raise RuntimeError("the FaultProxy is closed")
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("FaultProxy methods cannot be called from the proxy's own thread")
-        return asyncio.run_coroutine_threadsafe(op(), self._loop).result(timeout=10)
-
-    async def _start(self) -> None:
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._start_listening()
-
-    def _start_listening(self) -> None:
-        if self._listener is None:
-            self._listener = socket.create_server((self._host, self._port), backlog=128)
-            self._listener.setblocking(False)
-        # A reader callback rather than a task awaiting sock_accept(): cancelling that task can
-        # drop a socket that was just accepted.
-        self._loop.add_reader(self._listener.fileno(), self._accept, self._listener)
-
-    async def _stop_listening(self) -> None:
-        if self._listener is not None:
-            self._loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-
-    async def _heal(self) -> None:
-        self._delay = {"to_server": 0.0, "to_client": 0.0}
-        self._blackhole = False
-        self._trigger = None
-        assert self._flowing is not None
-        self._flowing.set()
-        if self._listener is None:
-            self._start_listening()
-
-    async def _shutdown(self) -> None:
-        await self._stop_listening()
-        await self._close_all(reset=False)
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:  # BlockingIOError: nothing more to accept
-                return
-            sock.setblocking(False)
-            self.connections_total += 1
-            task = self._loop.create_task(self._handle(sock))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
-            # A handler cancelled before it wrapped the socket in a transport would leak it;
-            # once wrapped, closing it again is harmless.
-            task.add_done_callback(functools.partial(_close_socket, sock))
-
-    async def _handle(self, sock: socket.socket) -> None:
-        client_reader, client_writer = await asyncio.open_connection(sock=sock)
-        conn = _Conn(client=client_writer)
-        self._conns.add(conn)
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            if self._blackhole:
-                # Read and drop until the client leaves or the proxy cuts the connection.
-                with contextlib.suppress(OSError):
-                    while await client_reader.read(_CHUNK):
-                        pass
-                return
-            try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(*self._target), self.connect_timeout
-                )
-            except (OSError, asyncio.TimeoutError):
-                self._close(conn, reset=True)
-                return
-            conn.upstream = up_writer
-            if conn.closed.is_set():  # cut while connecting
-                up_writer.close()
-                return
-            tasks += self._pump(conn, client_reader, up_writer, "to_server")
-            tasks += self._pump(conn, up_reader, client_writer, "to_client")
-            await conn.closed.wait()
-        finally:
-            self._conns.discard(conn)
-            self._close(conn, reset=True)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _pump(
-        self,
-        conn: _Conn,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        direction: Literal["to_server", "to_client"],
-    ) -> list[asyncio.Task[None]]:
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(_QUEUE_CHUNKS)
-        flowing = self._flowing
-        assert flowing is not None
-
-        async def read_side() -> None:
-            try:
-                while data := await reader.read(_CHUNK):
-                    await queue.put((self._loop.time() + self._delay[direction], data))
-            except OSError:
-                pass
-            finally:
-                # EOF or error: the write side forwards what is queued, then closes (unless frozen).
-                await queue.put(None)
-
-        async def write_side() -> None:
-            try:
-                while (item := await queue.get()) is not None:
-                    due, data = item
-                    await flowing.wait()
-                    if (wait := due - self._loop.time()) > 0:
-                        await asyncio.sleep(wait)
-                        await flowing.wait()  # frozen while the chunk was delayed
-                    if conn.dropping:
-                        continue
-                    if conn.swallowing is not None:
-                        if direction == "to_client":  # the reply to lose: drop it and cut
-                            self._close(conn, reset=conn.swallowing.reset)
-                            return
-                        continue  # the client spoke again before the cut: drop it too
-                    # Count before writing, so a test that got the bytes sees them counted.
-                    if direction == "to_server":
-                        self.bytes_to_server += len(data)
-                    else:
-                        self.bytes_to_client += len(data)
-                    writer.write(data)
-                    await writer.drain()
-                    if direction == "to_server":
-                        self._check_trigger(conn, data)
-                await flowing.wait()
-            except OSError:
-                pass
-            if conn.dropping:
-                return  # a dead path tells nobody that a side has gone
-            if conn.swallowing is None or direction == "to_client":
-                self._close(conn, reset=False)
-
-        return [self._loop.create_task(read_side()), self._loop.create_task(write_side())]
-
-    def _check_trigger(self, conn: _Conn, data: bytes) -> None:
-        trigger = self._trigger
-        if trigger is None:
-            return
-        if isinstance(trigger.match, bytes):
-            window = conn.tail + data
-            matched = trigger.match in window
-            conn.tail = window[-(len(trigger.match) - 1) :] if len(trigger.match) > 1 else b""
-        else:
-            matched = trigger.match(data)
-        if not matched:
-            return
-        if trigger.once:
-            self._trigger = None
-        self.triggers_fired += 1
-        if trigger.action == "drop":
-            conn.dropping = True
-        else:
-            conn.swallowing = trigger
-            self._loop.call_later(trigger.reply_timeout, self._close, conn, trigger.reset)
-
-    async def _close_all(self, *, reset: bool) -> None:
-        for conn in list(self._conns):
-            self._close(conn, reset=reset)
-        # Let the transports run their connection_lost callbacks, so the sockets are really
-        # closed when the caller's cut()/reset() returns.
-        for _ in range(2):
-            await asyncio.sleep(0)
-
-    def _close(self, conn: _Conn, reset: bool) -> None:
-        conn.closed.set()
-        for writer in (conn.client, conn.upstream):
-            if writer is None or writer.transport.is_closing():
-                continue
-            if reset:
-                sock = writer.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
-                writer.transport.abort()
-            else:
-                writer.close()
+    def _call(self, op: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._thread.call(op, "FaultProxy")
