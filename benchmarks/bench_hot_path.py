@@ -41,7 +41,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from benchmarks._results import machine, write_section
+from benchmarks._results import write_section
 from veritas_resilience import CircuitBreaker, CircuitOpenError, PrometheusHook, StructlogHook
 
 AsyncCase = Callable[[], Awaitable[Any]]
@@ -496,8 +496,8 @@ def run_all_pythons(quick: bool) -> None:
             + _version_tables(numbers)
         )
     report = (
-        f"Machine: {machine().rsplit(',', 1)[0]}.\n\n"
-        "One process per CPython, one after another, each in its own venv with the `benchmarks` "
+        "One process per CPython (the CPython above is the one that ran the others), one after "
+        "another, each in its own venv with the `benchmarks` "
         "extra. Medians of alternating rounds in CPU time of the benchmark's thread (time given "
         "to other processes is not counted). The floor is a do-nothing `async def` wrapper "
         "forwarding `*args, **kwargs`: what any decorator of an `async def` costs in pure "

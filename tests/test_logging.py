@@ -85,6 +85,18 @@ async def test_logs_and_messages_name_the_public_error_type_of_a_private_class()
     assert str(error) == "service 'chain' is temporarily unavailable (primary: ConnectionError: x)"
 
 
+def test_an_error_class_of_a_private_module_that_no_package_exports_is_not_named() -> None:
+    """A class users cannot import (the PostgreSQL client's internal NotSent) is logged as its
+    nearest importable base; re-exported classes keep their own name."""
+    from veritas_resilience.errors import public_type_name
+    from veritas_resilience.postgres import ConnectionLostError
+    from veritas_resilience.postgres._errors import NotSent
+
+    assert public_type_name(NotSent("connect")) == "Exception"
+    lost = ConnectionLostError(client="db", node="db1:5432")
+    assert public_type_name(lost) == "ConnectionLostError"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

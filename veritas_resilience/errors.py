@@ -22,6 +22,7 @@ cancellation exception.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -49,9 +50,22 @@ def public_type_name(error: BaseException) -> str:
     never shows up where users and operators read: they see the type they can catch.
     """
     for cls in type(error).__mro__:
-        if not cls.__name__.startswith("_"):
+        if _is_public(cls):
             return cls.__name__
     return "BaseException"  # pragma: no cover - BaseException itself is public
+
+
+def _is_public(cls: type) -> bool:
+    """Whether users can name ``cls``: a public name, and, when it is defined in a private module
+    (``pkg._errors``), re-exported by the package in front of it."""
+    if cls.__name__.startswith("_"):
+        return False
+    parts = cls.__module__.split(".")
+    private = next((i for i, part in enumerate(parts) if part.startswith("_")), None)
+    if private is None:
+        return True
+    package = sys.modules.get(".".join(parts[:private]))
+    return getattr(package, cls.__name__, None) is cls
 
 
 class CircuitOpenError(ResilienceError):
