@@ -40,7 +40,7 @@ def binary(*names: str) -> str:
         path = shutil.which(name)
         if path is not None:
             return path
-    pytest.skip(f"{names[0]} is not installed (tests/run.sh installs it)")
+    pytest.fail(f"{names[0]} is not installed (tests/run.sh installs it)")
 
 
 class Processes:

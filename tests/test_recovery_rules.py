@@ -49,7 +49,7 @@ def promtool() -> str:
     """The promtool binary (Debian's ``prometheus`` package; tests/run.sh installs it)."""
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+        pytest.fail("promtool is not installed (apt-get install prometheus)")
     return path
 
 
