@@ -605,13 +605,7 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
         yield env
     finally:
         with anyio.CancelScope(shield=True):
-            if pg is not None:
-                with contextlib.suppress(Exception):
-                    await pg.close()
-            if redis is not None:
-                with contextlib.suppress(Exception):
-                    await redis.aclose()
-            proxies.close()
+            await _close_clients(pg, redis, proxies)
             await anyio.to_thread.run_sync(kit.stop)
             await anyio.to_thread.run_sync(cluster.stop)
             shutil.rmtree(folder, ignore_errors=True)
@@ -747,11 +741,18 @@ async def external_environment(
         )
     finally:
         with anyio.CancelScope(shield=True):
-            if pg is not None:
-                with contextlib.suppress(Exception):
-                    await pg.close()
-            if redis is not None:
-                with contextlib.suppress(Exception):
-                    await redis.aclose()
-            proxies.close()
+            await _close_clients(pg, redis, proxies)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _close_clients(
+    pg: FailoverClient | None, redis: SentinelRedis | None, proxies: ProxyServer
+) -> None:
+    """Close the drill's clients and proxies, whatever state a scenario left them in."""
+    if pg is not None:
+        with contextlib.suppress(Exception):
+            await pg.close()
+    if redis is not None:
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+    proxies.close()
