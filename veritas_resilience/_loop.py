@@ -13,7 +13,10 @@ import asyncio
 import threading
 from typing import Any
 
-from sniffio import thread_local as _sniffio
+try:  # trio requires sniffio and sets its name; without sniffio, trio is not running
+    from sniffio import thread_local as _sniffio
+except ImportError:  # pragma: no cover - depends on what is installed
+    _sniffio = None  # type: ignore[assignment]
 
 __all__ = ["LoopTracker", "is_closed"]
 
