@@ -48,10 +48,20 @@ def machine() -> str:
     )
 
 
+def command() -> str:
+    """The command that is running, as typed from the repository's root (no absolute paths)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        head = f"python {script.relative_to(RESULTS.parent.parent).as_posix()}"
+    except ValueError:
+        head = f"python {script.name}"
+    return " ".join([head, *sys.argv[1:]])
+
+
 def stamp() -> str:
     """The machine line and today's date, for a section's first lines."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"Machine: {machine()}  \nDate: {now}  \nCommand: `{' '.join(sys.argv)}`\n"
+    return f"Machine: {machine()}  \nDate: {now}  \nCommand: `{command()}`\n"
 
 
 def write_section(key: str, title: str, body: str) -> None:

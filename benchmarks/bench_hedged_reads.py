@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any
 
-from benchmarks._results import stamp, write_section
+from benchmarks._results import write_section
 from veritas_resilience import Hedge
 from veritas_resilience.postgres import FailoverClient
 from veritas_resilience.testing import LocalPostgresCluster
@@ -82,7 +82,6 @@ def report(data: dict[str, Any]) -> str:
     results = data["results"]
     n = len(results["hedged"])
     lines = [
-        stamp(),
         f"{n} sequential reads per setting, routed `prefer_standby`, in alternating rounds. The "
         f"first standby stalls {STALL * 1000:.0f} ms on {STALL_SHARE:.0%} of the reads "
         f"(`pg_sleep` on the server); the hedge sends a second attempt to the other standby "

@@ -141,7 +141,7 @@ async def _switch_time(sentinel: Address, found: asyncio.Future[float]) -> None:
             if message["type"] == "message" and not found.done():
                 found.set_result(time.monotonic())
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
         await client.aclose()
 
 
@@ -154,7 +154,7 @@ async def failover_run(which: str, fault: str) -> Outcome:
             client: redis.asyncio.Redis = SentinelRedis(kit.sentinels, kit.service_name, hooks=[])
             await client.initialize()
         else:
-            sentinel_manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            sentinel_manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
                 kit.sentinels, socket_timeout=0.5
             )
             client = sentinel_manager.master_for(kit.service_name, socket_timeout=0.5)
@@ -268,7 +268,7 @@ async def sigstop_run(which: str) -> Stall:
         else:
             # Short timeouts towards the Sentinels; redis-py's default ones towards the data
             # nodes, as for ours (the deadline is the caller's asyncio.wait_for).
-            sentinel_manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            sentinel_manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
                 kit.sentinels, sentinel_kwargs={"socket_timeout": 0.5}
             )
             client = sentinel_manager.master_for(kit.service_name)

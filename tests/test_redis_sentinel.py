@@ -250,7 +250,7 @@ async def test_commands_pipelines_transactions_and_pubsub_work_as_with_redis_py(
     assert (await pubsub.get_message(timeout=1))["type"] == "subscribe"
     await client.publish("api:ch", "hi")
     assert (await pubsub.get_message(timeout=1))["data"] == "hi"
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
     async with client.lock("api:lock", timeout=5):
         assert await client.exists("api:lock") == 1
     assert client.master_address == kit.master

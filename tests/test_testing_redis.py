@@ -113,7 +113,7 @@ async def test_sentinels_agree_on_the_master(redis_sentinel: LocalRedisSentinel)
     master = kit.master
     for sentinel in kit.sentinels:
         assert await _master_according_to(sentinel, kit.service_name) == master
-    sentinel_client = redis.asyncio.Sentinel(kit.sentinels, socket_timeout=1)  # type: ignore[no-untyped-call]
+    sentinel_client = redis.asyncio.Sentinel(kit.sentinels, socket_timeout=1)  # type: ignore[no-untyped-call, unused-ignore]
     assert await sentinel_client.discover_master(kit.service_name) == master
     assert (await _role(master))[0] == "master"
 
@@ -232,7 +232,7 @@ async def test_passwords_protect_both_tiers_and_stop_cleans_up(
             with pytest.raises(redis.AuthenticationError):
                 await client.ping()
 
-    sentinel = redis.asyncio.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.asyncio.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         kit.sentinels,
         sentinel_kwargs={"password": "sentinel-secret", "socket_timeout": 1},
         password="data-secret",
