@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from _health_support import validate
@@ -525,6 +526,44 @@ async def test_live_fails_when_the_loop_lags() -> None:
         assert (await http_get(health.asgi(), "/live")).status_code == 200
         clock.advance(health.monitor.interval + 2.0)
         assert (await http_get(health.asgi(), "/live")).status_code == 503
+        tg.cancel_scope.cancel()
+
+
+async def test_the_loop_check_passes_for_one_heartbeat_and_an_unchanged_body_is_reused() -> None:
+    """A passing event-loop reading is reused for one heartbeat, so probes in between get the
+    very same body; after a heartbeat it is read again, and a lagging loop is never cached."""
+    clock = FakeClock(0.0)
+    health = registry(clock=clock, loop_lag_warn=0.5, loop_lag_fail=1.0)
+    health.add("db", returning("pass"), pass_ttl=60.0)
+    app = health.asgi(details="always")
+    sent: list[bytes] = []
+
+    async def probe() -> bytes:
+        scope = {"type": "http", "method": "GET", "path": "/health", "headers": []}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message["body"])
+
+        await app(scope, receive, send)
+        return sent[-1]
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(health.monitor.run)
+        first = await probe()
+        assert await probe() is first
+        clock.advance(health.monitor.interval)
+        await anyio.lowlevel.checkpoint()  # the heartbeat ticks
+        refreshed = await probe()
+        assert refreshed is not first
+        assert json.loads(refreshed)["checks"]["event_loop:lag"][0]["status"] == "pass"
+        clock.advance(health.monitor.interval + 2.0)  # the heartbeat cannot run: overdue
+        lagging = await probe()
+        assert json.loads(lagging)["status"] == "fail"
+        assert await probe() is not lagging  # a fail is read again at every probe
         tg.cancel_scope.cancel()
 
 

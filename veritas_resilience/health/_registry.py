@@ -223,7 +223,9 @@ class HealthRegistry(_hooks.Instrumented):
             critical=True,
             groups=(LIVENESS,),
             timeout=max(1.0, seconds(loop_lag_fail, "loop_lag_fail")),
-            pass_ttl=0.0,
+            # A pass is reused for one heartbeat (the lag reading changes no faster); a probe
+            # that follows a blocked loop finds it expired, and a warn or fail is never reused.
+            pass_ttl=self.monitor.interval,
             fail_ttl=0.0,
         )
         self._init_hooks(hooks)
