@@ -413,7 +413,8 @@ def report(
 
 
 READING = {
-    "h11": """Reading these numbers: each row's server, database, Redis and load generator share the
+    "h11": """\
+Reading these numbers: each row's server, database, Redis and load generator share the
 machine's two cores. With uvicorn's default pure-Python HTTP/1.1 parser (h11) the HealthApp rows
 are bound by parsing and writing HTTP, not by the checks: in process the app answers far more
 probes a second than h11 can parse, because an unchanged body is reused. With httpx the load
@@ -423,7 +424,8 @@ the way Kubernetes does, each connection on its own period: there p99 stays flat
 1,000 probers for the HealthApp. In the closed-loop rows both servers are saturated, and latency
 grows with the number of probers for both (Little's law: latency = probers / throughput).
 """,
-    "httptools": """Reading these numbers: with uvicorn's C parser (httptools on uvloop) the HTTP layer no
+    "httptools": """\
+Reading these numbers: with uvicorn's C parser (httptools on uvloop) the HTTP layer no
 longer bounds the HealthApp, and the ≥ 5× target is read from these rows. The paced rows send
 probes the way Kubernetes does, each connection on its own period: p99 stays flat from 100 to
 1,000 probers. In the closed-loop rows the servers are saturated, so latency grows with the number
