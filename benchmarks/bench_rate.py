@@ -57,6 +57,13 @@ def local_cases() -> dict[str, Case]:
         return await op(x)
 
     cases["veritas RateLimiter (gcra), await acquire()"] = with_acquire
+
+    async def with_try_acquire(x: int) -> int:
+        if not acquiring.try_acquire():
+            raise RateLimitedError(acquiring.name, 1.0)
+        return await op(x)
+
+    cases["veritas RateLimiter (gcra), try_acquire()"] = with_try_acquire
     cases["veritas AdaptiveLimit, decorator"] = AdaptiveLimit(hooks=[])(op)
     # A hedge runs its attempts in a task group: what every call pays when no hedge is needed.
     cases["veritas Hedge (answer within the delay), decorator"] = Hedge(

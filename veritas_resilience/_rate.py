@@ -484,8 +484,12 @@ class RateLimiter(_hooks.Instrumented):
         """
         if self._redis is not None:
             raise TypeError("a limiter shared through Redis is async: use await acquire()")
-        self._check_permits(permits)
-        wait = self._state_for(key).reserve(self._now(), permits, 0.0)
+        if permits == 1 and key is None:
+            state = self._state
+        else:
+            self._check_permits(permits)
+            state = self._state_for(key)
+        wait = state.reserve(self._now(), permits, 0.0)
         if wait < 0.0:
             self._rejected(-wait)
             return False
@@ -513,12 +517,15 @@ class RateLimiter(_hooks.Instrumented):
         Raises:
             RateLimitedError: If the permits are not free now nor within ``max_wait``.
         """
-        self._check_permits(permits)
-        if self._redis is not None and self._now() >= self._retry_redis_at:
-            shared = await self._acquire_shared(key, permits)
-            if shared:
-                return
-        state = self._state_for(key, self._redis is not None)
+        if permits == 1 and key is None and self._redis is None:
+            state = self._state  # the common case, without the lookups below
+        else:
+            self._check_permits(permits)
+            if self._redis is not None and self._now() >= self._retry_redis_at:
+                shared = await self._acquire_shared(key, permits)
+                if shared:
+                    return
+            state = self._state_for(key, self._redis is not None)
         wait = state.reserve(self._now(), permits, self._max_wait)
         if wait == 0.0:
             self._n_allowed += 1
