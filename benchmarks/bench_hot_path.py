@@ -28,7 +28,6 @@ import asyncio
 import gc
 import itertools
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from benchmarks._pythons import ROOT, bench_venv, find_pythons, load_average
 from benchmarks._results import write_section
 from veritas_resilience import CircuitBreaker, CircuitOpenError, PrometheusHook, StructlogHook
 
@@ -442,57 +442,24 @@ def summary(numbers: dict[str, Any]) -> list[str]:
 # -- every CPython ------------------------------------------------------------------------------
 
 
-def find_pythons() -> list[str]:
-    """A CPython 3.10 ... 3.14 each, from ~/.pyenv/versions or PATH (as tests/other_pythons.sh)."""
-    import glob
-    import shutil
-
-    found = []
-    for minor in range(10, 15):
-        candidates = sorted(
-            glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python"))
-        )
-        candidates.append(shutil.which(f"python3.{minor}") or "")
-        for candidate in candidates:
-            if candidate and os.access(candidate, os.X_OK):
-                found.append(candidate)
-                break
-    return found
-
-
 def run_all_pythons(quick: bool) -> None:
     """Run this benchmark on every CPython found, one after another; write one section."""
-    root = Path(__file__).resolve().parent.parent
     sections = []
     for python in find_pythons():
-        version = subprocess.run(
-            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        venv = root / ".venvs" / f"bench-py{version}"
-        if not (venv / "bin" / "python").exists():
-            subprocess.run([python, "-m", "venv", str(venv)], check=True)
-        stamp = venv / ".installed"
-        wanted = (root / "pyproject.toml").read_text(encoding="utf-8")
-        if not stamp.exists() or stamp.read_text(encoding="utf-8") != wanted:
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-            subprocess.run([*pip, "-e", f"{root}[benchmarks]"], check=True)
-            stamp.write_text(wanted, encoding="utf-8")
+        version, interpreter = bench_venv(python)
         print(f"== CPython {version}: {python}", flush=True)
-        load_before = _load()
-        out = root / ".venvs" / f"bench-py{version}.json"
+        load_before = load_average()
+        out = ROOT / ".venvs" / f"bench-py{version}.json"
         subprocess.run(
-            [str(venv / "bin" / "python"), "-m", "benchmarks.bench_hot_path", "--json", str(out)]
+            [str(interpreter), "-m", "benchmarks.bench_hot_path", "--json", str(out)]
             + (["--quick"] if quick else []),
-            cwd=root,
+            cwd=ROOT,
             check=True,
         )
         numbers = json.loads(out.read_text(encoding="utf-8"))
         sections.append(
             f"### CPython {numbers['python']}\n\n"
-            f"Load average (1, 5, 15 min) before: {load_before}; after: {_load()}.\n\n"
+            f"Load average (1, 5, 15 min) before: {load_before}; after: {load_average()}.\n\n"
             + _version_tables(numbers)
         )
     report = (
@@ -510,13 +477,6 @@ def run_all_pythons(quick: bool) -> None:
             "Circuit breaker hot path on every CPython (bench_hot_path.py --all-pythons)",
             report,
         )
-
-
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def _version_tables(numbers: dict[str, Any]) -> str:
