@@ -77,6 +77,26 @@ async def test_long_run_admits_exactly_rate_times_duration(algorithm: Any) -> No
     assert allowed == 100
 
 
+async def test_the_decorator_admits_exactly_what_try_acquire_admits(algorithm: Any) -> None:
+    """The decorator's inlined path and try_acquire() agree call for call over a long run at
+    10/s with burst 3, polled every 7 ms, and both count what they allowed."""
+    clock = FakeClock(0.0)
+    by_call = RateLimiter(10, burst=3, algorithm=algorithm, clock=clock, hooks=[])
+    by_decorator = RateLimiter(10, burst=3, algorithm=algorithm, clock=clock, hooks=[])
+    limited = by_decorator(op)
+    for step in range(3_000):
+        expected = by_call.try_acquire()
+        try:
+            await limited(step)
+            got = True
+        except RateLimitedError:
+            got = False
+        assert got == expected, step
+        clock.advance(0.007)
+    assert by_decorator.counts() == by_call.counts()
+    assert by_call.counts()["allowed"] == 3 + 209  # the burst, then 10/s until t = 20.993 s
+
+
 async def test_decorator_rejects_without_calling(clock: FakeClock, algorithm: Any) -> None:
     """The decorator runs the function while permits last and rejects without running it."""
     hook = Recorder()

@@ -354,7 +354,7 @@ class RateLimiter(_hooks.Instrumented):
         self._state: _State = self._new_state(self._rate, self._burst)
         self._keys: OrderedDict[Hashable, _State] = OrderedDict()
         self._n_evicted = 0
-        self._n_allowed = 0  # apart from the others: the hot path counts it
+        self._n_allowed = itertools.count()  # apart from the others: the hot path counts it
         self._counts = dict.fromkeys(_OUTCOMES[1:], 0)
         self._waiting = 0
         # Shared through Redis.
@@ -427,7 +427,7 @@ class RateLimiter(_hooks.Instrumented):
 
     def counts(self) -> dict[str, int]:
         """Calls by outcome: allowed, delayed, rejected, cancelled."""
-        return {"allowed": self._n_allowed, **self._counts}
+        return {"allowed": _hooks.read_count(self._n_allowed), **self._counts}
 
     def __repr__(self) -> str:
         where = "redis" if self._redis is not None else "local"
@@ -493,7 +493,7 @@ class RateLimiter(_hooks.Instrumented):
         if wait < 0.0:
             self._rejected(-wait)
             return False
-        self._n_allowed += 1
+        next(self._n_allowed)
         return True
 
     def _rejected(self, retry_after: float) -> RateLimitedError:
@@ -528,7 +528,7 @@ class RateLimiter(_hooks.Instrumented):
             state = self._state_for(key, self._redis is not None)
         wait = state.reserve(self._now(), permits, self._max_wait)
         if wait == 0.0:
-            self._n_allowed += 1
+            next(self._n_allowed)
             return
         if wait < 0.0:
             raise self._rejected(-wait)
@@ -563,7 +563,7 @@ class RateLimiter(_hooks.Instrumented):
             raise self._rejected(max(int(reply[1]), 1) / 1e6)
         wait = int(reply[1]) / 1e6
         if wait <= 0.0:
-            self._n_allowed += 1
+            next(self._n_allowed)
             return True
         self._waiting += 1
         try:
@@ -632,6 +632,7 @@ class RateLimiter(_hooks.Instrumented):
         elif isinstance(self._state, _Gcra):
             # The common case inlined: one local GCRA limit that rejects at once.
             limiter = self
+            allowed = self._n_allowed
             gcra = self._state
             interval, tolerance = gcra.interval, gcra.tolerance
             now = self._now if self._clock is not MONOTONIC else time.monotonic
@@ -640,15 +641,20 @@ class RateLimiter(_hooks.Instrumented):
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 t = now()
                 tat = gcra.tat
-                tat = (tat if tat > t else t) + interval
+                if tat <= t:  # no debt: one permit always fits (burst >= 1), the usual case
+                    gcra.tat = t + interval
+                    next(allowed)
+                    return await fn(*args, **kwargs)
+                tat += interval
                 if tat - t <= tolerance:
                     gcra.tat = tat
-                    limiter._n_allowed += 1
+                    next(allowed)
                     return await fn(*args, **kwargs)
                 raise limiter._rejected(max(tat - t - tolerance, _EPSILON))
 
         else:
             limiter = self
+            allowed = self._n_allowed
             bucket = self._state
             now = self._now if self._clock is not MONOTONIC else time.monotonic
 
@@ -656,7 +662,7 @@ class RateLimiter(_hooks.Instrumented):
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 wait = bucket.reserve(now(), 1, 0.0)
                 if wait == 0.0:
-                    limiter._n_allowed += 1
+                    next(allowed)
                     return await fn(*args, **kwargs)
                 raise limiter._rejected(-wait)
 

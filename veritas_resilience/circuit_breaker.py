@@ -680,11 +680,11 @@ class CircuitBreaker(_hooks.Instrumented):
 
     def _calls(self) -> dict[str, int]:
         return {
-            "success": _read(self._n_success),
-            "failure": _read(self._n_failure),
-            "ignored": _read(self._n_ignored),
-            "cancelled": _read(self._n_cancelled),
-            "rejected": _read(self._n_rejected),
+            "success": _hooks.read_count(self._n_success),
+            "failure": _hooks.read_count(self._n_failure),
+            "ignored": _hooks.read_count(self._n_ignored),
+            "cancelled": _hooks.read_count(self._n_cancelled),
+            "rejected": _hooks.read_count(self._n_rejected),
         }
 
     def __repr__(self) -> str:
@@ -1164,11 +1164,6 @@ def _same_option(a: object, b: object) -> bool:
         return a is b or bool(a == b)
     except Exception:
         return False
-
-
-def _read(counter: itertools.count[int]) -> int:
-    # repr is "count(N)": the only way to read a count without advancing it on every version.
-    return int(repr(counter)[6:-1])
 
 
 def _is_cancellation(exc: BaseException) -> bool:
