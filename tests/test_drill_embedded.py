@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_default_drill_runs_every_scenario_and_loses_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`veritas-resilience drill` plays all six scenarios; no acknowledged write is lost."""
+    """`veritas-resilience drill` plays every scenario; no acknowledged write is lost."""
     try:
         _check_binaries()
     except DrillError as exc:

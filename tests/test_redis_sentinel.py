@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from veritas_resilience import PrometheusHook
+from veritas_resilience.chaos import ProxyServer
 from veritas_resilience.errors import CircuitOpenError, ResilienceError
 from veritas_resilience.events import Event
 from veritas_resilience.redis import (
@@ -992,3 +993,70 @@ async def test_an_open_circuit_is_also_a_redis_py_connection_error(
         client.breaker.reset()
     assert isinstance(caught.value, CircuitOpenError)
     assert caught.value.name == "redis:mymaster"
+
+
+@pytest.mark.anyio
+async def test_address_remap_routes_every_data_node_connection_to_the_mapped_address(
+    redis_sentinel_factory: Callable[..., LocalRedisSentinel],
+    clients: Callable[..., SentinelRedis],
+) -> None:
+    """With address_remap, connections and ROLE checks dial the mapped address (a TCP proxy in
+    front of each data node here): with the master's proxy disabled writes fail, enabled they
+    go through, and after a failover the client dials the new master's proxy. The client still
+    reports the addresses the Sentinels announce."""
+    topology = redis_sentinel_factory()
+    proxies = ProxyServer()
+    names: dict[Address, str] = {}
+    asked: list[Address] = []
+
+    def through_proxy(address: Address) -> str:
+        asked.append(address)
+        if address not in names:
+            names[address] = f"node{len(names)}"
+            proxies.create_proxy(names[address], f"{address[0]}:{address[1]}")
+        return proxies.get_proxy(names[address]).listen
+
+    try:
+        client = clients(
+            topology, address_remap=through_proxy, breaker=False, retry=RetryPolicy(deadline=1.0)
+        )
+        await client.set("remap:k", "1")
+        master = topology.master
+        assert client.master_address == master
+        assert master in asked
+        assert proxies.get_proxy(names[master]).connections >= 1
+
+        proxies.update_proxy(names[master], enabled=False)
+        with pytest.raises(rex.ConnectionError):
+            await client.set("remap:k", "2")
+        proxies.update_proxy(names[master], enabled=True)
+        await client.set("remap:k", "3")
+        assert await on_node(master, topology.password, "GET", "remap:k") == "3"
+
+        old = await asyncio.to_thread(topology.kill_master)
+        new = await asyncio.to_thread(topology.wait_for_master_change, old, 30)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await client.set("remap:k", "4")
+                break
+            except rex.ConnectionError:
+                assert time.monotonic() < deadline, "no write through the new master's proxy"
+                await asyncio.sleep(0.1)
+        assert client.master_address == new
+        assert new in names and proxies.get_proxy(names[new]).connections >= 1
+        assert await on_node(new, topology.password, "GET", "remap:k") == "4"
+    finally:
+        proxies.close()
+
+
+@pytest.mark.anyio
+async def test_an_address_remap_that_returns_no_address_fails_naming_it(
+    kit: LocalRedisSentinel, clients: Callable[..., SentinelRedis]
+) -> None:
+    """A remap returning something that is not an address fails the call with an error that
+    names address_remap and the announced address."""
+    client = clients(kit, address_remap=lambda address: None, retry=RetryPolicy(deadline=0.5))
+    with pytest.raises(ValueError, match=r"address_remap\(127\.0\.0\.1:") as caught:
+        await client.set("remap:bad", "1")
+    assert "None" in str(caught.value)

@@ -532,6 +532,17 @@ def test_client_settings_are_checked_at_construction(kwargs: dict[str, Any], fie
         SentinelRedis(args.pop("sentinels"), args.pop("service_name"), hooks=[], **args)
 
 
+def test_address_remap_must_be_a_function() -> None:
+    """address_remap that cannot be called is refused at construction, naming the parameter."""
+    with pytest.raises(TypeError, match="address_remap must be a function"):
+        SentinelRedis(
+            [("127.0.0.1", 26379)],
+            "mymaster",
+            hooks=[],
+            address_remap="10.0.0.1:6379",  # type: ignore[arg-type]
+        )
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

@@ -27,8 +27,10 @@ from ._scenarios import DiskFull as DiskFull
 from ._scenarios import PostgresLatency as PostgresLatency
 from ._scenarios import PostgresPartition as PostgresPartition
 from ._scenarios import PostgresPrimaryCrash as PostgresPrimaryCrash
+from ._scenarios import RedisLatency as RedisLatency
 from ._scenarios import RedisMasterKill as RedisMasterKill
 from ._scenarios import RedisMasterPause as RedisMasterPause
+from ._scenarios import RedisPartition as RedisPartition
 from ._scenarios import Scenario as Scenario
 from ._scenarios import default_scenarios as default_scenarios
 from ._stores import JournalStore as JournalStore
@@ -53,8 +55,10 @@ __all__ = [
     "PostgresPrimaryCrash",
     "PostgresStore",
     "Progress",
+    "RedisLatency",
     "RedisMasterKill",
     "RedisMasterPause",
+    "RedisPartition",
     "RedisStore",
     "Scenario",
     "ScenarioResult",

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -228,6 +228,7 @@ _NEEDS = {
     "pg_control": "PostgreSQL started by the drill",
     "pg_proxy": "PostgreSQL (--postgres)",
     "redis_control": "Redis started by the drill",
+    "redis_proxy": "Redis (--redis-sentinel)",
     "disk": "/dev/full",
 }
 
@@ -263,6 +264,8 @@ class Environment:
         pg_cluster: LocalPostgresCluster | None = None,
         redis_kit: LocalRedisSentinel | None = None,
         journal: JournalStore | None = None,
+        redis_client: SentinelRedis | None = None,
+        redis_proxy_of: Mapping[tuple[str, int], str] | None = None,
     ) -> None:
         self.stores = stores
         self.proxies = proxies
@@ -273,6 +276,9 @@ class Environment:
         self.pg_cluster = pg_cluster
         self.redis_kit = redis_kit
         self.journal = journal
+        self.redis_client = redis_client
+        # A live view: proxies are put in front of Redis nodes as the client first dials them.
+        self.redis_proxy_of = redis_proxy_of if redis_proxy_of is not None else {}
         self.now: Callable[[], float] = lambda: 0.0
 
     def require_pg_cluster(self) -> LocalPostgresCluster:
@@ -301,6 +307,24 @@ class Environment:
         if health.active is None or health.active not in self.pg_proxy_of:
             raise DrillError(f"no PostgreSQL primary to fault (status {health.status})")
         return self.pg_proxy_of[health.active]
+
+    async def redis_master_proxy(self) -> str:
+        """The name of the proxy in front of the Redis master the client uses now."""
+        if self.redis_client is None:
+            raise DrillError("no Redis client")
+        master = self.redis_client.master_address
+        if master is None or master not in self.redis_proxy_of:
+            raise DrillError("no Redis master reached through the drill's proxy to fault")
+        return self.redis_proxy_of[master]
+
+    async def writable_proxy(self, store: str) -> str:
+        """The proxy in front of the node of ``store`` (``"postgres"`` or ``"redis"``) that
+        takes writes now."""
+        if store == "postgres":
+            return await self.pg_primary_proxy()
+        if store == "redis":
+            return await self.redis_master_proxy()
+        raise DrillError(f"no proxy for the store {store!r}")
 
 
 class Drill:
@@ -554,7 +578,7 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
 
     A PostgreSQL primary and a synchronous standby, and a Redis master, two replicas and three
     Sentinels, all on free loopback ports in a temporary folder (the testing kit), with the
-    clients reaching PostgreSQL through the drill's proxy.
+    clients reaching PostgreSQL and the Redis data nodes through the drill's proxy.
 
     Raises:
         DrillError: If server binaries are missing (the message says how to install them).
@@ -580,7 +604,8 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
             nodes.append(Node(host=info.host, port=info.port, name=node.name))
             proxy_of[node.name] = node.name
         pg = _pg_client(nodes, user="postgres", database="postgres")
-        redis = _redis_client(kit.sentinels, kit.service_name, None, None)
+        redis_proxies = _RedisProxies(proxies)
+        redis = _redis_client(kit.sentinels, kit.service_name, None, None, redis_proxies)
         await pg.start()
         journal = JournalStore(folder)
         pg_store = PostgresStore(pg)
@@ -588,7 +613,7 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
         env = Environment(
             stores=[pg_store, RedisStore(redis, replicas=1), journal],
             proxies=proxies,
-            capabilities={"pg_control", "pg_proxy", "redis_control", "disk"},
+            capabilities={"pg_control", "pg_proxy", "redis_control", "redis_proxy", "disk"},
             description={
                 "mode": "embedded",
                 "postgres": "primary + 1 synchronous standby "
@@ -601,6 +626,8 @@ async def embedded_environment(*, workdir: Path | None = None) -> AsyncIterator[
             pg_cluster=cluster,
             redis_kit=kit,
             journal=journal,
+            redis_client=redis,
+            redis_proxy_of=redis_proxies.proxy_of,
         )
         yield env
     finally:
@@ -630,8 +657,31 @@ def _pg_client(nodes: list[Any], **kwargs: Any) -> FailoverClient:
     )
 
 
+class _RedisProxies:
+    """The client's ``address_remap``: a proxy of the drill's in front of every Redis data node,
+    made when the client first dials it (a replica promoted later gets one too)."""
+
+    def __init__(self, proxies: ProxyServer) -> None:
+        self._proxies = proxies
+        self.proxy_of: dict[tuple[str, int], str] = {}
+        self._listen: dict[tuple[str, int], str] = {}
+
+    def __call__(self, address: tuple[str, int]) -> str:
+        listen = self._listen.get(address)
+        if listen is None:
+            name = f"redis{len(self.proxy_of) + 1}"
+            listen = self._proxies.create_proxy(name, f"{address[0]}:{address[1]}").listen
+            self._listen[address] = listen
+            self.proxy_of[address] = name
+        return listen
+
+
 def _redis_client(
-    sentinels: Sequence[Any], service: str, password: str | None, sentinel_password: str | None
+    sentinels: Sequence[Any],
+    service: str,
+    password: str | None,
+    sentinel_password: str | None,
+    remap: _RedisProxies,
 ) -> SentinelRedis:
     from ..redis import SentinelRedis
 
@@ -639,6 +689,7 @@ def _redis_client(
         list(sentinels),
         service,
         name="drill-redis",
+        address_remap=remap,
         password=password,
         sentinel_password=sentinel_password,
         socket_timeout=1.0,
@@ -670,9 +721,10 @@ async def external_environment(
 ) -> AsyncIterator[Environment]:
     """An environment on the user's own servers; the drill never stops or pauses them.
 
-    PostgreSQL is reached through the drill's proxy (one proxy per DSN), so the partition and
-    latency scenarios can run; Redis is reached directly (Sentinel hands out the data nodes'
-    addresses), so only its steady state is checked in every scenario. The drill's rows and keys
+    PostgreSQL is reached through the drill's proxy (one proxy per DSN), and the Redis data
+    nodes through one proxy each (the client maps the addresses the Sentinels announce to the
+    proxies, with ``address_remap``), so the partition and latency scenarios can run on both;
+    the Sentinels are reached directly. The drill's rows and keys
     (table ``veritas_drill_writes``, keys ``veritas-drill:*``) are deleted at the end.
 
     Raises:
@@ -690,6 +742,7 @@ async def external_environment(
     pg = None
     redis = None
     proxy_of: dict[str, str] = {}
+    redis_proxy_of: dict[tuple[str, int], str] = {}
     try:
         if postgres:
             nodes = []
@@ -720,13 +773,18 @@ async def external_environment(
             capabilities.add("pg_proxy")
             description["postgres"] = ", ".join(proxy_of)
         if redis_sentinels:
-            redis = _redis_client(redis_sentinels, redis_service, redis_password, sentinel_password)
+            redis_proxies = _RedisProxies(proxies)
+            redis = _redis_client(
+                redis_sentinels, redis_service, redis_password, sentinel_password, redis_proxies
+            )
             try:
                 with anyio.fail_after(15):
                     await redis.ping()
             except Exception as exc:
                 raise DrillError(f"Redis not usable: {redact(str(exc))}") from None
             stores.append(RedisStore(redis, replicas=redis_wait_replicas))
+            capabilities.add("redis_proxy")
+            redis_proxy_of = redis_proxies.proxy_of
             description["redis"] = f"Sentinels {', '.join(redis_sentinels)} ({redis_service})"
         journal = JournalStore(folder)
         stores.append(journal)
@@ -738,6 +796,8 @@ async def external_environment(
             pg_client=pg,
             pg_proxy_of=proxy_of,
             journal=journal,
+            redis_client=redis,
+            redis_proxy_of=redis_proxy_of,
         )
     finally:
         with anyio.CancelScope(shield=True):

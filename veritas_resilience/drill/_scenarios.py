@@ -24,8 +24,10 @@ __all__ = [
     "PostgresLatency",
     "PostgresPartition",
     "PostgresPrimaryCrash",
+    "RedisLatency",
     "RedisMasterKill",
     "RedisMasterPause",
+    "RedisPartition",
     "Scenario",
     "default_scenarios",
 ]
@@ -41,7 +43,8 @@ class Scenario:
         store: The store the fault hits (its detection and first-write times are measured).
         requires: What the environment must offer: ``"pg_control"`` (a PostgreSQL cluster the
             drill started), ``"pg_proxy"`` (PostgreSQL reached through the drill's proxy),
-            ``"redis_control"`` (Redis started by the drill), ``"disk"`` (the drill's journal).
+            ``"redis_control"`` (Redis started by the drill), ``"redis_proxy"`` (Redis data
+            nodes reached through the drill's proxy), ``"disk"`` (the drill's journal).
         hold: Seconds the fault lasts before the repair starts.
         errors_allowed: Whether callers may see errors during the fault (False for latency:
             a slow dependency within the timeouts must not fail calls).
@@ -107,19 +110,15 @@ class PostgresPrimaryCrash(Scenario):
 
 
 @dataclass
-class PostgresPartition(Scenario):
-    """Freeze the link between the client and the primary (the proxy drops every byte, closes
-    nothing), then heal it. Nothing is stopped: it runs against any server."""
+class _Partition(Scenario):
+    """Freeze the link between the client and the node that takes writes (the proxy drops every
+    byte both ways, closes nothing), then heal it. Nothing is stopped: it runs on any server."""
 
-    name: ClassVar[str] = "pg-partition"
-    title: ClassVar[str] = "partition of the PostgreSQL primary (frozen link)"
-    store: ClassVar[str] = "postgres"
-    requires: ClassVar[frozenset[str]] = frozenset({"pg_proxy"})
     _proxy: str = field(default="", init=False)
 
     async def inject(self, env: Environment) -> None:
-        """Drop everything both ways on the primary's proxy."""
-        self._proxy = await env.pg_primary_proxy()
+        """Drop everything both ways on the writable node's proxy."""
+        self._proxy = await env.writable_proxy(self.store)
         for stream in ("upstream", "downstream"):
             toxic = Toxic(type="timeout", stream=stream, name=f"partition-{stream}")
             await anyio.to_thread.run_sync(env.proxies.add_toxic, self._proxy, toxic)
@@ -134,14 +133,10 @@ class PostgresPartition(Scenario):
 
 
 @dataclass
-class PostgresLatency(Scenario):
-    """Add latency (with jitter) to every reply of the primary, below the client's timeouts:
-    calls get slower and none may fail."""
+class _Latency(Scenario):
+    """Add latency (with jitter) to every reply of the node that takes writes, below the
+    client's timeouts: calls get slower and none may fail."""
 
-    name: ClassVar[str] = "pg-latency"
-    title: ClassVar[str] = "PostgreSQL latency (150 ± 50 ms per reply)"
-    store: ClassVar[str] = "postgres"
-    requires: ClassVar[frozenset[str]] = frozenset({"pg_proxy"})
     errors_allowed: bool = False
     latency_ms: int = 150
     jitter_ms: int = 50
@@ -149,7 +144,7 @@ class PostgresLatency(Scenario):
 
     async def inject(self, env: Environment) -> None:
         """Add the latency toxic."""
-        self._proxy = await env.pg_primary_proxy()
+        self._proxy = await env.writable_proxy(self.store)
         toxic = Toxic(
             type="latency",
             name="drill-latency",
@@ -161,6 +156,47 @@ class PostgresLatency(Scenario):
         """Remove it."""
         await anyio.to_thread.run_sync(env.proxies.remove_toxic, self._proxy, "drill-latency")
         self.recovered_at = env.now()
+
+
+@dataclass
+class PostgresPartition(_Partition):
+    """Freeze the link between the client and the PostgreSQL primary, then heal it."""
+
+    name: ClassVar[str] = "pg-partition"
+    title: ClassVar[str] = "partition of the PostgreSQL primary (frozen link)"
+    store: ClassVar[str] = "postgres"
+    requires: ClassVar[frozenset[str]] = frozenset({"pg_proxy"})
+
+
+@dataclass
+class PostgresLatency(_Latency):
+    """Slow every reply of the PostgreSQL primary by 150 ± 50 ms."""
+
+    name: ClassVar[str] = "pg-latency"
+    title: ClassVar[str] = "PostgreSQL latency (150 ± 50 ms per reply)"
+    store: ClassVar[str] = "postgres"
+    requires: ClassVar[frozenset[str]] = frozenset({"pg_proxy"})
+
+
+@dataclass
+class RedisPartition(_Partition):
+    """Freeze the link between the client and the Redis master, then heal it. The Sentinels
+    still reach the master, so they do not fail over: the client must ride it out alone."""
+
+    name: ClassVar[str] = "redis-partition"
+    title: ClassVar[str] = "partition of the Redis master from the client (frozen link)"
+    store: ClassVar[str] = "redis"
+    requires: ClassVar[frozenset[str]] = frozenset({"redis_proxy"})
+
+
+@dataclass
+class RedisLatency(_Latency):
+    """Slow every reply of the Redis master by 150 ± 50 ms."""
+
+    name: ClassVar[str] = "redis-latency"
+    title: ClassVar[str] = "Redis latency (150 ± 50 ms per reply)"
+    store: ClassVar[str] = "redis"
+    requires: ClassVar[frozenset[str]] = frozenset({"redis_proxy"})
 
 
 @dataclass
@@ -257,6 +293,8 @@ def default_scenarios() -> list[Scenario]:
         PostgresLatency(),
         RedisMasterKill(),
         RedisMasterPause(),
+        RedisPartition(),
+        RedisLatency(),
     ]
     if Path("/dev/full").exists():
         scenarios.append(DiskFull())

@@ -226,6 +226,12 @@ class SentinelRedis(redis.asyncio.Redis):
             its own bounded by ``max_connections``; the first reply wins and the other
             attempts are cancelled (their connections closed). Writes, pipelines and Pub/Sub
             are never hedged. Usually given through :meth:`replica`.
+        address_remap: Maps the address of a data node, as the Sentinels announce it, to the
+            address to connect to: ``("host", port)`` in, ``("host", port)`` or
+            ``"host:port"`` out. For Sentinels that announce addresses the client cannot reach
+            (NAT, containers, a TCP proxy in between). Called at every dial and ROLE check,
+            never for the Sentinels themselves; health, metrics and events keep the announced
+            addresses. None (the default) connects to the announced address.
 
     Raises:
         ValueError: If an argument is out of range (the message names it).
@@ -266,6 +272,7 @@ class SentinelRedis(redis.asyncio.Redis):
         hooks: Sequence[Hook] | None = None,
         rng: random.Random | None = None,
         hedge: Hedge | None = None,
+        address_remap: Callable[[Address], Address | str] | None = None,
         _topology: SentinelTopology | None = None,
     ) -> None:
         if isinstance(sentinels, (str, bytes)) or not sentinels:
@@ -293,6 +300,11 @@ class SentinelRedis(redis.asyncio.Redis):
                     "hedge needs a replica client (read_from='replica' or 'replica_preferred'): "
                     "a master client has a single node to read from"
                 )
+        if address_remap is not None and not callable(address_remap):
+            raise TypeError(
+                "address_remap must be a function of ('host', port) returning the address to "
+                f"connect to, or None, got {address_remap!r}"
+            )
         policy = retry if retry is not None else RetryPolicy()
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
@@ -326,6 +338,7 @@ class SentinelRedis(redis.asyncio.Redis):
             "ssl": ssl,
             "clock": clock,
             "hooks": hooks,
+            "address_remap": address_remap,
         }
         node_kwargs: dict[str, Any] = {"password": password, "username": username}
         node_kwargs.update(self._settings["connection_kwargs"])
@@ -352,6 +365,7 @@ class SentinelRedis(redis.asyncio.Redis):
                 clock=clock,
                 hooks=hooks,
                 rng=rng,
+                address_remap=address_remap,
             )
         topology = _topology
         self._topology = topology
@@ -389,6 +403,8 @@ class SentinelRedis(redis.asyncio.Redis):
             # redis-py must never retry on its own: only the guard knows what is safe.
             "retry": Retry(NoBackoff(), 0),
         }
+        if address_remap is not None:
+            conn_kwargs["dial"] = topology.dial_address
         conn_kwargs.update(self._settings["connection_kwargs"])
         timeout = (
             _seconds(policy.deadline, "deadline")

@@ -57,6 +57,7 @@ class FencedConnection(DirectSendConnection):
         verify_role: Whether to run ``ROLE`` after connecting.
         on_role_mismatch: Called when ``ROLE`` says the node is not what the router expected.
         owner: The client's name, for errors.
+        dial: Maps the router's address to the one to connect to (``address_remap``).
         **kwargs: For ``redis.asyncio.Connection``.
     """
 
@@ -68,9 +69,11 @@ class FencedConnection(DirectSendConnection):
         verify_role: bool = True,
         on_role_mismatch: Callable[[], None] | None = None,
         owner: str = "redis",
+        dial: Callable[[Address], Address] | None = None,
         **kwargs: Any,
     ) -> None:
         self._fence = fence
+        self._dial = dial
         self._router = router
         self._verify_role = verify_role
         self._on_role_mismatch = on_role_mismatch
@@ -90,7 +93,7 @@ class FencedConnection(DirectSendConnection):
 
     @property
     def address(self) -> Address:
-        """Where it is (or was last) connected."""
+        """Where it is (or was last) connected (after ``address_remap``)."""
         return (self.host, self.port)
 
     async def connect(self) -> None:
@@ -109,6 +112,8 @@ class FencedConnection(DirectSendConnection):
         if self.is_connected:
             return
         address, generation, want = await self._router()
+        if self._dial is not None:
+            address = self._dial(address)
         self.host, self.port = address
         self._gen = generation
         self._want = want

@@ -398,9 +398,11 @@ class SentinelTopology(_hooks.Instrumented):
         clock: Clock = MONOTONIC,
         hooks: Sequence[Hook] | None = None,
         rng: random.Random | None = None,
+        address_remap: Callable[[Address], Address | str] | None = None,
     ) -> None:
         self._name = name
         self.service = service_name
+        self._remap = address_remap
         self._seeds = list(dict.fromkeys(sentinels))
         # Only the configured Sentinels vote, and a master needs a majority of them: a
         # discovered or misconfigured one can report, not decide.
@@ -458,6 +460,18 @@ class SentinelTopology(_hooks.Instrumented):
         self._outage_hist = [0] * (len(OUTAGE_BUCKETS) + 1)
         self._outage_sum = 0.0
         self._init_hooks(hooks)
+
+    def dial_address(self, address: Address) -> Address:
+        """Where to connect to the data node the Sentinels announce as ``address``.
+
+        ``address`` itself, or what ``address_remap`` maps it to.
+
+        Raises:
+            ValueError: If ``address_remap`` returned something that is not an address.
+        """
+        if self._remap is None:
+            return address
+        return parse_address(self._remap(address), f"address_remap({fmt(address)})")
 
     # -- identity and hooks ---------------------------------------------------------------------
 
@@ -762,9 +776,10 @@ class SentinelTopology(_hooks.Instrumented):
 
     async def _probe(self, address: Address, want: Role) -> str | None:
         """Ask ``address`` for ROLE; return None when it is fit for ``want``, else why not."""
+        host, port = self.dial_address(address)
         client = redis.asyncio.Redis(
-            host=address[0],
-            port=address[1],
+            host=host,
+            port=port,
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
             retry=Retry(NoBackoff(), 0),
