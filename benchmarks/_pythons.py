@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,3 +58,24 @@ def load_average() -> str:
         return " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
     except OSError:
         return "unknown"
+
+
+def run_on_each(module: str, json_option: str, quick: bool) -> Iterator[tuple[dict[str, Any], str]]:
+    """Run ``python -m MODULE JSON_OPTION FILE`` on every CPython found, one after another.
+
+    Yields each run's numbers (what it wrote to FILE) and a line with the load averages before
+    and after it.
+    """
+    for python in find_pythons():
+        version, interpreter = bench_venv(python)
+        print(f"== CPython {version}: {python}", flush=True)
+        before = load_average()
+        out = ROOT / ".venvs" / f"{module.rsplit('.', 1)[-1]}-py{version}.json"
+        subprocess.run(
+            [str(interpreter), "-m", module, json_option, str(out)]
+            + (["--quick"] if quick else []),
+            cwd=ROOT,
+            check=True,
+        )
+        numbers = json.loads(out.read_text(encoding="utf-8"))
+        yield numbers, f"Load average (1, 5, 15 min) before: {before}; after: {load_average()}."

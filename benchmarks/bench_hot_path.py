@@ -30,7 +30,6 @@ import itertools
 import json
 import platform
 import statistics
-import subprocess
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from benchmarks._pythons import ROOT, bench_venv, find_pythons, load_average
+from benchmarks._pythons import run_on_each
 from benchmarks._results import write_section
 from veritas_resilience import CircuitBreaker, CircuitOpenError, PrometheusHook, StructlogHook
 
@@ -444,24 +443,10 @@ def summary(numbers: dict[str, Any]) -> list[str]:
 
 def run_all_pythons(quick: bool) -> None:
     """Run this benchmark on every CPython found, one after another; write one section."""
-    sections = []
-    for python in find_pythons():
-        version, interpreter = bench_venv(python)
-        print(f"== CPython {version}: {python}", flush=True)
-        load_before = load_average()
-        out = ROOT / ".venvs" / f"bench-py{version}.json"
-        subprocess.run(
-            [str(interpreter), "-m", "benchmarks.bench_hot_path", "--json", str(out)]
-            + (["--quick"] if quick else []),
-            cwd=ROOT,
-            check=True,
-        )
-        numbers = json.loads(out.read_text(encoding="utf-8"))
-        sections.append(
-            f"### CPython {numbers['python']}\n\n"
-            f"Load average (1, 5, 15 min) before: {load_before}; after: {load_average()}.\n\n"
-            + _version_tables(numbers)
-        )
+    sections = [
+        f"### CPython {numbers['python']}\n\n{load}\n\n" + _version_tables(numbers)
+        for numbers, load in run_on_each("benchmarks.bench_hot_path", "--json", quick)
+    ]
     report = (
         "One process per CPython (the CPython above is the one that ran the others), one after "
         "another, each in its own venv with the `benchmarks` "

@@ -25,12 +25,11 @@ import asyncio
 import json
 import multiprocessing
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._pythons import ROOT, bench_venv, find_pythons, load_average
+from benchmarks._pythons import run_on_each
 from benchmarks._results import write_section
 from benchmarks.bench_policies import BARE, FLOOR, Case, measure, op
 from veritas_resilience import AdaptiveLimit, Hedge, RateLimitedError, RateLimiter
@@ -189,26 +188,14 @@ def local_costs(quick: bool) -> tuple[list[str], dict[str, float], dict[str, flo
     lines: list[str] = []
     decorators: dict[str, float] = {}
     in_debt: dict[str, float] = {}
-    pythons = find_pythons()
-    for python in pythons:
-        version, interpreter = bench_venv(python)
-        print(f"== CPython {version}: {python}", flush=True)
-        load_before = load_average()
-        out = ROOT / ".venvs" / f"bench-rate-py{version}.json"
-        subprocess.run(
-            [str(interpreter), "-m", "benchmarks.bench_rate", "--local-json", str(out)]
-            + (["--quick"] if quick else []),
-            cwd=ROOT,
-            check=True,
-        )
-        numbers = json.loads(out.read_text(encoding="utf-8"))
+    for numbers, load in run_on_each("benchmarks.bench_rate", "--local-json", quick):
         totals, overheads = numbers["totals"], numbers["overheads"]
         decorators[numbers["python"]] = overheads[DECORATOR]
         in_debt[numbers["python"]] = overheads[IN_DEBT]
         lines += [
             f"#### CPython {numbers['python']}",
             "",
-            f"Load average (1, 5, 15 min) before: {load_before}; after: {load_average()}.",
+            load,
             "",
             "| case | ns/call | over a bare await (ns) |",
             "|---|---:|---:|",
