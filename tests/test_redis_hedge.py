@@ -71,9 +71,12 @@ async def test_a_read_hedged_away_from_a_paused_replica_is_answered_by_the_next(
             assert server["tcp_port"] == fast[1]
         assert hedge.counts()["hedge"] == calls and hedge.counts()["cancelled"] == calls
         assert in_use(reader) == 0
-        assert reader._node_pools is not None
-        for idle, used in reader._node_pools.counts().values():
-            assert idle + used <= 4  # max_connections, per node
+        health = await reader.health()
+        pools = health.details["hedge_pools"]
+        assert f"{fast[0]}:{fast[1]}" in pools  # the node that answered, by its address
+        for pool in pools.values():
+            assert pool["idle"] + pool["in_use"] <= 4  # max_connections, per node
+        assert health.connections >= sum(p["idle"] + p["in_use"] for p in pools.values())
     finally:
         await reader.aclose()
         await client.aclose()

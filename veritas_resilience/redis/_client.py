@@ -78,12 +78,14 @@ class RedisHealth:
         breaker: The circuit breaker's state.
         unwritable_for: Seconds the client has been without a writable master (0 when it has
             one).
-        connections: Connection objects in the pool (idle and in use).
+        connections: Connection objects in the pools (idle and in use).
         in_use: Connections in use.
         error: Why it is not ok (type and message, no secrets), or None.
         details: Topology details: for Sentinel ``service``, ``sentinels_up``,
-            ``sentinels_known``, ``subscriptions_up``, ``replicas``, ``last_switch_source``;
-            for a cluster ``masters``, ``nodes``, ``cluster_state``.
+            ``sentinels_known``, ``subscriptions_up``, ``replicas``, ``last_switch_source``,
+            ``disagreeing_sentinels``, and for a hedged replica client ``hedge_pools`` (``idle``
+            and ``in_use`` of each node's pool, by ``host:port``); for a cluster ``masters``,
+            ``nodes``, ``cluster_state``.
     """
 
     name: str
@@ -705,6 +707,14 @@ class SentinelRedis(redis.asyncio.Redis):
         breaker = self._guard.breaker
         state = breaker.state if breaker is not None else CircuitState.CLOSED
         idle, in_use = self.connection_pool.counts()  # type: ignore[attr-defined]
+        details: dict[str, Any] = {}
+        if self._node_pools is not None:  # a hedged replica client: one pool per node too
+            hedge_pools = self._node_pools.counts()
+            details["hedge_pools"] = {
+                node: {"idle": i, "in_use": u} for node, (i, u) in hedge_pools.items()
+            }
+            idle += sum(i for i, _ in hedge_pools.values())
+            in_use += sum(u for _, u in hedge_pools.values())
         known = len(snap.sentinels)
         status: Literal["ok", "degraded", "down"] = "ok"
         no_master = self._read_from is ReadFrom.MASTER and snap.master is None
@@ -741,6 +751,7 @@ class SentinelRedis(redis.asyncio.Redis):
                 "replicas": [fmt(r) for r in snap.replicas],
                 "last_switch_source": snap.last_switch_source,
                 "disagreeing_sentinels": [fmt(s) for s, _ in snap.disagreeing],
+                **details,
             },
         )
 
